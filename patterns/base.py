@@ -10,6 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class PatternModel(BaseModel):
+    """Base of every pattern family's parameter model.
+
+    Frozen, so specs are hashable: a layer's heads are grouped by spec, and static indices are
+    cached by spec. Extra fields are refused so a typo (``"windw"``) is an error, not a default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -22,6 +33,9 @@ class PrefillInputs:
     heads:      the built heads' indices among the layer's *global* query heads (S2 strides
                 and per-head parameters depend on them).
     num_layer_heads: query heads in the whole layer (global, before tensor parallelism).
+    num_layer_kv_heads: KV heads in the whole layer (global); None means one per query head.
+                S2 strides are defined per *global* KV head, so a TP rank needs this to agree
+                with the other ranks.
     q_offset:   position of the first query (cached prefix length); ``S = q_offset + Tq``.
     q_len:      queries in the chunk.
     total_len:  prompt + planned generation length (MoA spans grow with it).
@@ -37,10 +51,17 @@ class PrefillInputs:
     k: torch.Tensor | None = None
     kv_heads: torch.Tensor | None = None
     block_m: int = 64
+    num_layer_kv_heads: int | None = None
+    scale: float | None = None  # softmax scale for estimation; None means 1/sqrt(D)
 
     @property
     def seq_len(self) -> int:
         return self.q_offset + self.q_len
+
+    def global_kv_heads(self) -> list[int]:
+        """The global KV head of every built head (GQA group = layer heads // layer KV heads)."""
+        group = self.num_layer_heads // (self.num_layer_kv_heads or self.num_layer_heads)
+        return [h // group for h in self.heads]
 
 
 @dataclass
@@ -55,6 +76,7 @@ class DecodeInputs:
     kv_heads:    ``[H]`` long, the KV head each built head reads.
     heads:       the built heads' global query-head indices.
     num_layer_heads: query heads in the whole layer (global).
+    num_layer_kv_heads: KV heads in the whole layer (global); None means one per query head.
     """
 
     heads: list[int]
@@ -66,7 +88,29 @@ class DecodeInputs:
     block_table: torch.Tensor | None = None
     kv_heads: torch.Tensor | None = None
     scale: float = 1.0
+    num_layer_kv_heads: int | None = None
 
     @property
     def batch(self) -> int:
         return int(self.seq_lens.shape[0])
+
+    def global_kv_heads(self) -> list[int]:
+        group = self.num_layer_heads // (self.num_layer_kv_heads or self.num_layer_heads)
+        return [h // group for h in self.heads]
+
+
+@dataclass(frozen=True)
+class DensityContext:
+    """What an expected-density estimate needs besides the pattern and the length.
+
+    planned_generation: new tokens assumed after the prompt (MoA spans grow with total length).
+    tidal_top_k:        TidalDecode token budget when a ``tidal`` spec does not set its own.
+    num_layer_heads / num_layer_kv_heads: the layer's global head counts (S2 strides per head).
+    block_m:            queries per prefill index block.
+    """
+
+    planned_generation: int = 0
+    tidal_top_k: int = 256
+    num_layer_heads: int = 1
+    num_layer_kv_heads: int | None = None
+    block_m: int = 64
