@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .attention_torch import KEY_SLOT_BUDGET, attend_rows, paged_gather
+from .attention_torch import KEY_SLOT_BUDGET, attend, chunks
 from .index import DecodeMode, DecodeSelection
 
 
@@ -117,20 +117,27 @@ def sparse_decode_torch(
     seq_lens = seq_lens.to(dev)
     hs = selection.num_heads
     per_row = hq // hs  # queries sharing one selection row: the GQA group, or 1
-    width = int(selected_counts(selection, seq_lens).max().item()) if b else 0
-    out = torch.zeros(b, hq, d, dtype=torch.float32, device=dev)
-    lse = torch.full((b, hq), float("-inf"), dtype=torch.float32, device=dev)
+    n = b * hs
+    counts = selected_counts(selection, seq_lens).view(n)
+    out = torch.zeros(n, per_row, d, dtype=torch.float32, device=dev)
+    lse = torch.full((n, per_row), float("-inf"), dtype=torch.float32, device=dev)
+    width = int(counts.max().item()) if n else 0
     if width > 0:
         pos, valid = selection_positions(selection, seq_lens, width)  # [B, Hs, W]
-        n = b * hs
-        q_rows = q.reshape(n, per_row, d)  # query heads of a row are contiguous (h // group)
+        pos, valid = pos.view(n, width), valid.view(n, width)
+        q_rows = q.reshape(n, per_row, d)  # a row's query heads are adjacent (kv head = h // group)
         kvh = (torch.arange(hs, device=dev) // max(1, hs // hkv)).repeat(b)  # [n]
-        tables = block_table.long().repeat_interleave(hs, dim=0)  # [n, max_blocks]
-        # every selected position is < seq_len, so the causal test is a no-op: give the last one
-        q_pos = (seq_lens.long() - 1).repeat_interleave(hs).view(n, 1).expand(n, per_row)
-        tile = max(1, KEY_SLOT_BUDGET // max(1, n))
-        o, l = attend_rows(q_rows, q_pos, pos.view(n, width), valid.view(n, width), kvh,
-                           paged_gather(k_cache, v_cache, tables), scale, tile)
-        out, lse = o.view(b, hq, d), l.view(b, hq)
+        req = torch.arange(b, device=dev).repeat_interleave(hs)  # [n]
+        bs = k_cache.shape[2]
+        order = torch.argsort(counts, stable=True)
+        for i, j, w in chunks(counts[order].tolist(), KEY_SLOT_BUDGET):
+            rows = order[i:j]
+            p = pos[rows, :w]
+            blk = block_table[req[rows]].long().gather(1, p // bs)  # [n, w] physical blocks
+            h = kvh[rows, None].expand_as(p)
+            kr, vr = k_cache[blk, h, p % bs], v_cache[blk, h, p % bs]  # [n, w, D]
+            o, l = attend(q_rows[rows], kr.to(q.dtype), vr.to(q.dtype), valid[rows, None, :w], scale)
+            out[rows], lse[rows] = o, l
+    out, lse = out.view(b, hq, d), lse.view(b, hq)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

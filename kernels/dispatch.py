@@ -14,6 +14,7 @@ import torch
 from .decode import sparse_decode_torch
 from .index import DecodeSelection, SparseIndex
 from .prefill import sparse_prefill_paged_torch, sparse_prefill_torch
+from .varlen import VarlenIndex, sparse_prefill_varlen_paged_torch, sparse_prefill_varlen_torch
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -51,3 +52,35 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
         return sparse_decode_triton(q, k_cache, v_cache, block_table, seq_lens, selection, scale, return_lse)
     return sparse_decode_torch(q, k_cache, v_cache, block_table, seq_lens, selection, scale, return_lse)
+
+
+def sparse_prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_starts: list[int],
+                          index: VarlenIndex, scale: float | None = None, return_lse: bool = False):
+    """Several requests in one launch: q ``[T_total, Hq, D]`` packed by ``index.cu_q``; k/v
+    ``[S_total, Hkv, D]`` packed, request r from ``kv_starts[r]``."""
+    if use_triton(q):
+        from .prefill_triton import sparse_prefill_varlen_triton
+
+        return sparse_prefill_varlen_triton(q, k, v, kv_starts, index, scale, return_lse)
+    return sparse_prefill_varlen_torch(q, k, v, kv_starts, index, scale, return_lse)
+
+
+def sparse_prefill_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_table: torch.Tensor, index: VarlenIndex,
+                                scale: float | None = None, return_lse: bool = False):
+    """Several requests in one launch, K/V of request r read through ``block_table[r]``."""
+    if use_triton(q):
+        from .prefill_triton import sparse_prefill_varlen_paged_triton
+
+        return sparse_prefill_varlen_paged_triton(q, k_cache, v_cache, block_table, index, scale, return_lse)
+    return sparse_prefill_varlen_paged_torch(q, k_cache, v_cache, block_table, index, scale, return_lse)
+
+
+def triton_estimate(t: torch.Tensor, head_dim: int):
+    """The Triton estimation module when ``t`` is served by Triton and the head dim fits its
+    kernels (64 or 128), else None (the caller runs its torch code)."""
+    if use_triton(t) and head_dim in (64, 128):
+        from . import estimate_triton
+
+        return estimate_triton
+    return None

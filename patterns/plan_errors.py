@@ -114,6 +114,18 @@ def _walk(doc: Any, loc: tuple) -> tuple[list[str | int], Any, bool]:
     return parts, cur, False
 
 
+# pydantic error types whose message we say more plainly (ctx fills the braces)
+_PLAIN = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "a string", "dict_type": "an object",
+    "model_type": "an object", "model_attributes_type": "an object", "list_type": "a list",
+    "tuple_type": "a list", "greater_than_equal": "a number >= {ge}", "greater_than": "a number > {gt}",
+    "less_than_equal": "a number <= {le}", "less_than": "a number < {lt}",
+    "multiple_of": "a multiple of {multiple_of}", "too_short": "at least {min_length} item(s)",
+}
+
+
 def _expected(err: dict) -> tuple[str, str | None]:
     """Expected text, and an override for 'found' when the input is not the thing to show."""
     kind = err["type"]
@@ -129,11 +141,23 @@ def _expected(err: dict) -> tuple[str, str | None]:
         return f"a '{ctx.get('discriminator', 'type').strip(chr(39))}' field naming the pattern type", "an object without it"
     if kind == "literal_error":
         return f"one of {ctx.get('expected')}", None
+    if kind in _PLAIN:
+        return _PLAIN[kind].format(**ctx), None
     msg = err.get("msg", kind)
     for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            return msg[len(prefix):], None
+            msg = msg[len(prefix):]
+            break
+    # our own validators say "EXPECTED; found FOUND" (see ``invalid``)
+    if "; found " in msg:
+        expected, found = msg.split("; found ", 1)
+        return expected, found
     return msg, None
+
+
+def invalid(expected: str, found: str) -> ValueError:
+    """The error a model validator raises; ``from_validation`` splits it back into its parts."""
+    return ValueError(f"{expected}; found {found}")
 
 
 def from_validation(exc: Any, doc: Any, file: str | None = None) -> PlanError:
@@ -149,6 +173,9 @@ def from_validation(exc: Any, doc: Any, file: str | None = None) -> PlanError:
             found = show_value(err.get("input", value))
         if err["type"] == "extra_forbidden":
             found = f"unknown field '{parts[-1]}'" if parts else "an unknown field"
+        if err["type"] == "union_tag_invalid":  # point at the tag itself
+            path = json_path(parts + ["type"])
+            found = show_value((err.get("ctx") or {}).get("tag"))
         if path in issues:  # two union branches rejecting the same value: say both
             old = issues[path]
             if expected not in old.expected:

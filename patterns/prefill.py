@@ -1,0 +1,110 @@
+"""One layer's prefill index: group the heads by spec, build each group, restore head order.
+
+The plugin calls ``build_layer_prefill_index`` once per (layer, prefill request) with the plan's
+specs for the heads this rank serves. Heads with identical specs are built in one call of their
+family's builder; static groups (``is_static``) can be served from a per-step ``cache`` dict, so
+layers that share a static pattern share one index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from headwise.kernels.index import BLOCK_M, SparseIndex
+
+from . import families
+from .base import PrefillInputs
+
+
+def is_static(spec: Any) -> bool:
+    """True when the spec's index depends only on positions (no q/k): build once per step."""
+    return spec.type in families.STATIC_PREFILL
+
+
+def build_prefill(spec: Any, inputs: PrefillInputs) -> SparseIndex:
+    """Run one family's builder for the heads in ``inputs``."""
+    return families.PREFILL[spec.type].build_prefill(spec, inputs)
+
+
+def _on(index: SparseIndex, device) -> SparseIndex:
+    return index if index.device == torch.device(device) else index.to(device)
+
+
+def _static_key(spec: Any, inp: PrefillInputs) -> tuple:
+    # Head-independent patterns are the same for every head: key on the head count only.
+    heads_key: Any = len(inp.heads) if spec.type in families.HEAD_INDEPENDENT else tuple(inp.global_kv_heads())
+    return (spec, heads_key, inp.num_layer_heads, inp.num_layer_kv_heads, inp.q_offset, inp.q_len,
+            inp.total_len, inp.block_m)
+
+
+def build_layer_prefill_index(
+    specs: list[Any],
+    heads: list[int],
+    num_layer_heads: int,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    kv_heads: torch.Tensor | None,
+    q_offset: int,
+    total_len: int,
+    block_m: int = BLOCK_M,
+    *,
+    q_len: int | None = None,
+    num_layer_kv_heads: int | None = None,
+    dense_below: int = 0,
+    scale: float | None = None,
+    cache: dict | None = None,
+) -> SparseIndex:
+    """The ``SparseIndex`` of one request's query chunk for the heads of one layer on this rank.
+
+    specs:    prefill spec per local query head (``plan.prefill(layer, heads[i])``).
+    heads:    global query-head id per local head.
+    q:        ``[Tq, H, D]`` local queries (may be None if every spec is static; then pass q_len).
+    k:        ``[S, Hkv, D]`` every key of the request, prefix included (None if all static).
+    kv_heads: ``[H]`` long, local KV head each local head reads (indexes k's head axis).
+    q_offset: cached prefix length (position of the first query); ``S = q_offset + Tq``.
+    total_len: prompt + planned generation (MoA spans).
+    dense_below: a sequence shorter than this gets a dense index.
+    cache:    a dict kept for one scheduler step; static groups are looked up / stored in it.
+    """
+    if len(specs) != len(heads):
+        raise ValueError(f"build_layer_prefill_index: {len(specs)} specs for {len(heads)} heads")
+    if q is not None:
+        q_len = q.shape[0]
+    if q_len is None:
+        raise ValueError("build_layer_prefill_index: pass q or q_len")
+    device = q.device if q is not None else (k.device if k is not None else "cpu")
+    n = len(heads)
+    if q_offset + q_len < dense_below or all(s.type == "dense" for s in specs):
+        return SparseIndex.dense(n, q_len, q_offset, block_m, device=device)
+    if kv_heads is None:
+        group = num_layer_heads // (num_layer_kv_heads or num_layer_heads)
+        kv_heads = torch.tensor([h // group for h in heads], dtype=torch.long)
+    kv_heads = kv_heads.long()
+
+    groups: dict[Any, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(spec, []).append(i)
+    parts, order = [], []
+    for spec, local in groups.items():
+        idx = torch.tensor(local, dtype=torch.long)
+        inp = PrefillInputs(
+            heads=[heads[i] for i in local], num_layer_heads=num_layer_heads, q_offset=q_offset, q_len=q_len,
+            total_len=total_len, q=None if q is None else q[:, idx.to(q.device)], k=k,
+            kv_heads=kv_heads[idx.to(kv_heads.device)], block_m=block_m, num_layer_kv_heads=num_layer_kv_heads,
+            scale=scale)
+        if cache is not None and is_static(spec):
+            key = _static_key(spec, inp)
+            if key not in cache:
+                cache[key] = _on(build_prefill(spec, inp), device)
+            part = cache[key]
+        else:
+            part = _on(build_prefill(spec, inp), device)
+        parts.append(part)
+        order.extend(local)
+    if len(parts) == 1:
+        return parts[0]
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+    return SparseIndex.cat_heads(parts).select_heads(inverse)

@@ -1,0 +1,251 @@
+"""The profiler's mathematics: score candidate patterns per head, then pick one per head by MILP.
+
+A candidate is a prefill pattern spec (``Dense``, ``AShape``, ``VerticalSlash``, ...). For one
+calibration prompt and one layer we know every head's queries and keys; a candidate is judged by
+
+* **kept mass** — the share of each sampled query's dense softmax probability that falls on the
+  keys the candidate's index keeps (1.0 = the pattern loses nothing for that query), averaged over
+  a sample of query blocks spread over the second half of the prompt (the last block included,
+  where a question sits), and
+* **density** — the fraction of causal (query, key) pairs its index keeps over the whole prompt
+  (``fast_density`` of the index actually built, so dynamic patterns are measured, not guessed).
+
+``ProfileScores`` accumulates both per (layer, head, candidate, length); ``choose_patterns`` then
+solves a multiple-choice knapsack as a MILP (SciPy's HiGHS): maximise the total kept mass subject
+to the mean density (averaged over lengths, optionally at every length) staying under a budget,
+optionally with at most ``k`` distinct patterns per layer (each distinct spec is one index build
+per layer at serving time). Nothing here imports transformers: the caller captures q/k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from headwise.kernels import estimate
+from headwise.kernels.index import SparseIndex
+
+from .base import PatternModel, PrefillInputs
+from .prefill import build_prefill
+from .ranges import fast_density
+
+BuildFn = Callable[[PatternModel, PrefillInputs], SparseIndex]
+# Tie-break weight on density in the objective: among candidates that keep the same mass (e.g. a
+# window wider than the prompt and dense), prefer the sparser one, without ever trading mass for it.
+_DENSITY_TIE_BREAK = 1e-6
+
+
+def describe(spec: PatternModel) -> str:
+    """A short, stable label: ``a_shape(sink=64,window=256)``."""
+    args = ",".join(f"{k}={v}" for k, v in spec.model_dump(exclude={"type"}).items())
+    return f"{spec.type}({args})"
+
+
+# ------------------------------------------------------------------------- sampling
+def sample_blocks(seq_len: int, n_blocks: int, block_m: int = 64) -> list[int]:
+    """Query blocks to score: the last one plus ``n_blocks - 1`` spread evenly over the second half.
+
+    Early queries see few keys, so every pattern keeps nearly all their mass; they say little
+    about a pattern and would dilute the average. The last block holds the question of a
+    retrieval prompt. Returns sorted, unique block numbers.
+    """
+    nqb = -(-seq_len // block_m)
+    if nqb == 0 or n_blocks <= 0:
+        return []
+    first = nqb // 2
+    picks = {nqb - 1}
+    for i in range(max(0, n_blocks - 1)):
+        picks.add(first + (i * (nqb - 1 - first)) // max(1, n_blocks - 1))
+    return sorted(picks)
+
+
+def block_rows(blocks: Sequence[int], seq_len: int, block_m: int = 64) -> torch.Tensor:
+    """``[n]`` long: the query positions of the sampled blocks, in order."""
+    rows = [torch.arange(b * block_m, min((b + 1) * block_m, seq_len)) for b in blocks]
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
+def rows_mask(index: SparseIndex, blocks: Sequence[int]) -> torch.Tensor:
+    """``[H, n, S]`` bool: the keys ``index`` lets the sampled blocks' queries read (causal).
+
+    Each sampled block is cut out of the index as a one-block index at its own ``q_offset`` and
+    expanded with ``SparseIndex.to_dense_mask``, so the mask is the format's own semantics.
+    """
+    if index.q_offset != 0:
+        raise ValueError(f"rows_mask: expected an index over the whole prompt (q_offset 0), found q_offset {index.q_offset}")
+    s, bm = index.seq_len, index.block_m
+    parts = []
+    for b in blocks:
+        q_len = min(bm, index.q_len - b * bm)
+        sub = SparseIndex(index.range_start[:, b : b + 1], index.range_end[:, b : b + 1],
+                          index.range_count[:, b : b + 1], index.columns[:, b : b + 1],
+                          index.column_count[:, b : b + 1], q_len, b * bm, bm)
+        m = sub.to_dense_mask()  # [H, q_len, b*bm + q_len]
+        parts.append(torch.nn.functional.pad(m, (0, s - m.shape[2])))
+    return torch.cat(parts, dim=1)
+
+
+def sampled_probs(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, rows: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
+    """Dense causal softmax of the sampled queries, fp32. q: ``[S, H, D]``; k: ``[S, Hkv, D]`` -> ``[H, n, S]``."""
+    return estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
+
+
+# -------------------------------------------------------------------------- scoring
+@dataclass
+class LayerScore:
+    """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``."""
+
+    mass: np.ndarray
+    density: np.ndarray
+
+
+def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternModel], *, layer_heads: int,
+                layer_kv_heads: int, n_blocks: int = 4, block_m: int = 64, scale: float | None = None,
+                build: BuildFn = build_prefill, total_len: int | None = None) -> LayerScore:
+    """Score every candidate on every head of one layer of one prompt.
+
+    q: ``[S, Hq, D]`` (every query of the prompt, RoPE applied); k: ``[S, Hkv, D]``.
+    Each candidate's index is built once for all heads (as serving would, with the layer's
+    global head numbering), then judged on the sampled rows.
+    """
+    s, hq, _ = q.shape
+    if hq != layer_heads or k.shape[1] != layer_kv_heads:
+        raise ValueError(f"score_layer: q/k have {hq}/{k.shape[1]} heads, expected {layer_heads}/{layer_kv_heads}")
+    group = hq // layer_kv_heads
+    kv_heads = torch.arange(hq) // group
+    blocks = sample_blocks(s, n_blocks, block_m)
+    rows = block_rows(blocks, s, block_m)
+    probs = sampled_probs(q, k, kv_heads, rows, scale)  # [H, n, S]
+    mass = np.zeros((hq, len(candidates)))
+    density = np.zeros((hq, len(candidates)))
+    for c, spec in enumerate(candidates):
+        inp = PrefillInputs(heads=list(range(hq)), num_layer_heads=hq, q_offset=0, q_len=s,
+                            total_len=total_len or s, q=q, k=k, kv_heads=kv_heads, block_m=block_m,
+                            num_layer_kv_heads=layer_kv_heads, scale=scale)
+        index = build(spec, inp)
+        kept = (probs * rows_mask(index, blocks)).sum(-1)  # [H, n]: kept probability per row
+        mass[:, c] = kept.mean(-1).numpy()
+        for h in range(hq):
+            density[h, c] = fast_density(index.select_heads([h]))
+    return LayerScore(mass, density)
+
+
+@dataclass
+class ProfileScores:
+    """Running sums over prompts of kept mass and density per (layer, head, candidate, length)."""
+
+    num_layers: int
+    num_heads: int
+    candidates: list[PatternModel]
+    lengths: list[int]
+    mass_sum: np.ndarray = field(init=False)
+    density_sum: np.ndarray = field(init=False)
+    count: np.ndarray = field(init=False)  # [layers, lengths] prompts seen
+
+    def __post_init__(self) -> None:
+        shape = (self.num_layers, self.num_heads, len(self.candidates), len(self.lengths))
+        self.mass_sum = np.zeros(shape)
+        self.density_sum = np.zeros(shape)
+        self.count = np.zeros((self.num_layers, len(self.lengths)), dtype=np.int64)
+
+    def add(self, layer: int, length_index: int, score: LayerScore) -> None:
+        self.mass_sum[layer, :, :, length_index] += score.mass
+        self.density_sum[layer, :, :, length_index] += score.density
+        self.count[layer, length_index] += 1
+
+    def _mean(self, total: np.ndarray) -> np.ndarray:
+        if (self.count == 0).any():
+            layer, li = np.argwhere(self.count == 0)[0]
+            raise ValueError(f"ProfileScores: layer {layer} has no prompt of length {self.lengths[li]} scored")
+        return total / self.count[:, None, None, :]
+
+    def mass(self) -> np.ndarray:
+        """``[layers, heads, candidates, lengths]`` mean kept mass."""
+        return self._mean(self.mass_sum)
+
+    def density(self) -> np.ndarray:
+        """``[layers, heads, candidates, lengths]`` mean density."""
+        return self._mean(self.density_sum)
+
+
+# ---------------------------------------------------------------------------- MILP
+@dataclass
+class Choice:
+    """The MILP's answer: ``pick[layer, head]`` = candidate number, plus what it achieves."""
+
+    pick: np.ndarray  # [layers, heads] int
+    kept_mass: float  # mean over heads and lengths
+    density: list[float]  # mean over heads, per length
+    status: str
+
+
+def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, allowed: np.ndarray | None = None,
+                    per_length: bool = False, max_per_layer: int | None = None,
+                    time_limit: float = 60.0) -> Choice:
+    """One candidate per head maximising kept mass under a density budget (HiGHS MILP).
+
+    mass, density: ``[L, H, C, N]`` (layers, heads, candidates, lengths). The constraint is on
+    the mean density over heads and lengths (``per_length``: at every length). ``allowed``
+    ``[L, H, C]`` bool forbids choices (e.g. forcing a layer dense). ``max_per_layer`` bounds the
+    distinct candidates one layer may use.
+    """
+    from scipy import sparse
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_layers, n_heads, n_cand, n_len = mass.shape
+    if density.shape != mass.shape:
+        raise ValueError(f"choose_patterns: density has shape {density.shape}, expected {mass.shape} like mass")
+    allowed = np.ones((n_layers, n_heads, n_cand), dtype=bool) if allowed is None else allowed.astype(bool)
+    n_x = n_layers * n_heads * n_cand
+    heads = n_layers * n_heads
+    m = mass.mean(-1).reshape(n_x)
+    d_all = density.reshape(n_x, n_len)
+    d = d_all.mean(-1)
+    # the cheapest allowed choice per head bounds what any plan can reach: say so instead of "infeasible"
+    cheapest = np.where(allowed, density.mean(-1), np.inf).min(-1)  # [L, H]
+    floor = float(cheapest.mean())
+    if floor > budget + 1e-9:
+        raise ValueError(f"choose_patterns: density budget {budget:.3f} is below {floor:.3f}, the sparsest "
+                         f"mean density the allowed candidates can reach; raise the budget or add sparser candidates")
+
+    n_y = n_layers * n_cand if max_per_layer else 0
+    n_var = n_x + n_y
+    cost = np.concatenate([-m + _DENSITY_TIE_BREAK * d, np.zeros(n_y)])
+    blocks, lo, hi = [], [], []
+    # sum_c x[l, h, c] = 1 for every head
+    head_of = np.repeat(np.arange(heads), n_cand)
+    blocks.append(sparse.csr_matrix((np.ones(n_x), (head_of, np.arange(n_x))), shape=(heads, n_var)))
+    lo.append(np.ones(heads)), hi.append(np.ones(heads))
+    budget_rows = d_all.T if per_length else d[None]  # [rows, n_x]
+    for row in budget_rows:
+        blocks.append(sparse.csr_matrix(np.concatenate([row, np.zeros(n_y)])[None] / heads))
+        lo.append([-np.inf]), hi.append([budget])
+    if max_per_layer:
+        # x[l, h, c] <= y[l, c]: a candidate used in a layer is "open" there; sum_c y[l, c] <= k
+        i = np.arange(n_x)
+        layer_of = i // (n_heads * n_cand)
+        y_of = n_x + layer_of * n_cand + i % n_cand
+        link = sparse.csr_matrix((np.r_[np.ones(n_x), -np.ones(n_x)], (np.r_[i, i], np.r_[i, y_of])),
+                                 shape=(n_x, n_var))
+        blocks.append(link), lo.append(np.full(n_x, -np.inf)), hi.append(np.zeros(n_x))
+        j = np.arange(n_y)
+        per_layer = sparse.csr_matrix((np.ones(n_y), (j // n_cand, n_x + j)), shape=(n_layers, n_var))
+        blocks.append(per_layer), lo.append(np.full(n_layers, -np.inf)), hi.append(np.full(n_layers, max_per_layer))
+    ub = np.concatenate([allowed.reshape(n_x).astype(float), np.ones(n_y)])
+    a = sparse.vstack(blocks, format="csr")
+    res = milp(cost, constraints=LinearConstraint(a, np.concatenate(lo), np.concatenate(hi)),
+               integrality=np.ones(n_var), bounds=Bounds(np.zeros(n_var), ub),
+               options={"time_limit": time_limit})
+    if res.x is None:
+        raise ValueError(f"choose_patterns: the MILP found no plan ({res.message}); try a larger budget "
+                         f"or a larger max_per_layer")
+    x = res.x[:n_x].reshape(n_layers, n_heads, n_cand)
+    pick = x.argmax(-1)
+    li, hi_ = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    chosen_mass = mass[li, hi_, pick]  # [L, H, N]
+    chosen_density = density[li, hi_, pick]
+    return Choice(pick, float(chosen_mass.mean()), [float(v) for v in chosen_density.mean((0, 1))], res.message)

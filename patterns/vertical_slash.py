@@ -1,0 +1,94 @@
+"""MInference's vertical-slash pattern: a few key columns plus a few diagonals, per head.
+
+Estimation (``kernels.estimate.vertical_slash_scores``) looks at the last ``last_q`` queries of
+the chunk: the probability mass of each key column gives the *vertical* score, the mass along
+each diagonal (offset = query position - key position) the *slash* score. The first
+``sink_columns`` columns and the ``local_diagonals`` nearest diagonals are always kept.
+
+Index: for a query block ending at ``be``, a kept diagonal ``o`` covers the keys
+``[be - o - block_m, be - o)`` (exactly the diagonal's keys for a full block, unaligned to key
+blocks). Windows are merged into ranges; kept columns outside them become columns. The main
+diagonal is always kept, so every key a query needs up to itself is reachable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from headwise.kernels import estimate
+from headwise.kernels.index import SparseIndex
+
+from .base import DensityContext, PatternModel, PrefillInputs
+from .ranges import block_bounds, compact, drop_covered, make_index, merge_intervals
+
+
+class VerticalSlash(PatternModel):
+    type: Literal["vertical_slash"] = "vertical_slash"
+    vertical: int = Field(1000, ge=0, description="key columns kept per head (sink columns included)")
+    slash: int = Field(6096, ge=1, description="diagonals kept per head (local diagonals included)")
+    last_q: int = Field(64, ge=1, description="probe queries at the end of the chunk used to estimate")
+    sink_columns: int = Field(30, ge=0, description="first key columns always kept")
+    local_diagonals: int = Field(100, ge=1, description="nearest diagonals always kept (main one included)")
+
+
+def select(p: VerticalSlash, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, q_offset: int,
+           scale: float | None = None):
+    """Kept columns ``[H, V]`` ascending and kept diagonal offsets ``[H, Sd]`` *descending*, with counts.
+
+    q: ``[Tq, H, D]``; k: ``[S, Hkv, D]``. Padding entries are large values past the counts.
+    """
+    tq, s = q.shape[0], k.shape[0]
+    n_probe = min(p.last_q, tq)
+    q_pos = q_offset + torch.arange(tq - n_probe, tq, device=q.device)
+    vert, slash = estimate.vertical_slash_scores(q[tq - n_probe:], k, kv_heads, q_pos, scale)  # [H, S] each
+    pos = torch.arange(s, device=q.device)
+    col_keep, _ = estimate.topk_forced(vert, p.vertical, forced=pos < p.sink_columns)
+    # offsets beyond the last query position cannot hold any pair: never spend budget on them
+    diag_keep, _ = estimate.topk_forced(slash, p.slash, forced=pos < p.local_diagonals,
+                                        allowed=pos < q_offset + tq)
+    cols, n_cols = compact(pos.expand_as(col_keep), col_keep)
+    neg_offs, n_diag = compact(-pos.expand_as(diag_keep), diag_keep)  # ascending -o = descending o
+    return cols, n_cols, -neg_offs, n_diag
+
+
+def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, block_m: int) -> SparseIndex:
+    """Turn kept columns and diagonal offsets (see ``select``) into the block index."""
+    dev = cols.device
+    bs, be = block_bounds(q_offset, q_len, block_m, dev)
+    v_w = max(1, int(n_cols.max().item()))
+    d_w = max(1, int(n_diag.max().item()))
+    cols, offs = cols[:, :v_w], offs[:, :d_w]
+    d_live = (torch.arange(d_w, device=dev) < n_diag[:, None])[:, None, :]  # [H, 1, Sd]
+    ends = be.view(1, -1, 1) - offs[:, None, :]  # [H, NQB, Sd], ascending along Sd
+    starts = (ends - block_m).clamp(min=0)
+    rs, re, rc = merge_intervals(starts, ends, d_live & (ends > 0))
+    c_live = (torch.arange(v_w, device=dev) < n_cols[:, None])[:, None, :]
+    cols_b = cols[:, None, :].expand(-1, bs.shape[0], -1)
+    c_cols, cc = drop_covered(cols_b, c_live & (cols_b < be.view(1, -1, 1)), rs, re, rc)
+    return make_index(rs, re, rc, c_cols, cc, q_len, q_offset, block_m)
+
+
+def build_prefill(p: VerticalSlash, inp: PrefillInputs) -> SparseIndex:
+    if inp.q is None or inp.k is None:
+        raise ValueError("vertical_slash needs q and k: it estimates from the last queries")
+    cols, n_cols, offs, n_diag = select(p, inp.q, inp.k, inp.kv_heads, inp.q_offset, inp.scale)
+    return index_from_selection(cols, n_cols, offs, n_diag, inp.q_len, inp.q_offset, inp.block_m)
+
+
+def expected_density(p: VerticalSlash, length: int, ctx: DensityContext = DensityContext()) -> float:
+    """Upper bound from the budgets: each diagonal costs a ``block_m``-wide window per block.
+
+    A query at position ``t`` keeps at most ``min(t + 1, slash_tokens + vertical)`` keys, where a
+    kept diagonal contributes one key per query but its window spans ``block_m`` keys of a block;
+    adjacent diagonals share windows, so the bound assumes the nearest ones are contiguous (the
+    forced local ones are) and counts the others as ``block_m``-wide islands.
+    """
+    t = torch.arange(length, dtype=torch.float64)
+    near = min(p.local_diagonals, p.slash)
+    far = max(0, p.slash - near)
+    keys = (near + ctx.block_m) + far * ctx.block_m + p.vertical
+    kept = torch.minimum(t + 1, torch.full_like(t, float(keys)))
+    return float(kept.sum() / (t + 1).sum()) if length else 0.0

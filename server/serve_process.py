@@ -1,0 +1,138 @@
+"""``headwise serve`` as a child process: start it, wait until it answers, stop all of it.
+
+Used by ``headwise loadtest`` (when no ``--host`` is given), by the tests and by benchmarks. A
+vLLM server is several processes (API server, engine core, workers); the child is started in its
+own process group (session) so that stopping it stops every one of them: SIGTERM to the group
+first (vLLM shuts down cleanly), SIGKILL to the group if anything is left after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it; a tiny race is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``headwise serve ARGS --host HOST --port PORT`` in its own process group, output to a log file.
+
+    >>> with ServerProcess(["--no-headwise"], log_path="serve.log") as server:
+    ...     print(server.base_url)  # http://127.0.0.1:PORT/v1
+    """
+
+    def __init__(self, args: list[str], *, host: str = "127.0.0.1", port: int | None = None,
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None):
+        self.args = list(args)
+        self.host = host
+        self.port = port or free_port(host)
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else Path(os.devnull)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "headwise.server.cli", "serve", *self.args,
+                "--host", self.host, "--port", str(self.port)]
+
+    def start(self, timeout_s: float = 300.0) -> "ServerProcess":
+        """Start and wait until ``/health`` answers 200; raise ``ServerStartError`` (and stop it) if the
+        process exits first or ``timeout_s`` passes."""
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise ServerStartError(f"headwise serve exited with status {code} before it was healthy; "
+                                       f"log tail:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(f"headwise serve was not healthy after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_text(self) -> str:
+        if self.log_path == Path(os.devnull) or not self.log_path.is_file():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def group_alive(self) -> bool:
+        """Whether any process of the server's process group is still running."""
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace_s``."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self.group_alive():
+            self.proc.poll()  # reap the leader so the group can empty
+            time.sleep(0.2)
+        if self.group_alive():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

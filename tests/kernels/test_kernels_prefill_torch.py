@@ -1,0 +1,131 @@
+"""The torch sparse prefill (CPU path and oracle) against the dense-masked fp32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernels_testlib import (assert_lse_close, assert_out_close, paged_cache, qkv, random_index,
+                             torch_bf16_error)
+
+from headwise.kernels import (SparseIndex, masked_attention_reference, sparse_prefill, sparse_prefill_paged,
+                              sparse_prefill_paged_torch, sparse_prefill_torch)
+
+# (Hq, Hkv): GQA ratios 1 (MHA), 3 (SmolLM2: 9/3), 4 (Llama-3 8B: 32/8), 8 (70B-like group)
+GQA = [(4, 4), (9, 3), (8, 2), (8, 1)]
+# (q_len, q_offset): an odd length that leaves a ragged last block; an exact multiple of 64;
+# a later chunk of a chunked prefill (offset not a multiple of 64); a single-query chunk
+SHAPES = [(77, 0), (128, 0), (70, 53), (1, 40)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("hq,hkv", GQA)
+@pytest.mark.parametrize("q_len,q_offset", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_matches_masked_reference(hq, hkv, q_len, q_offset, dtype):
+    d = 64 if hq % 3 else 128  # both head dims appear across the GQA axis
+    idx = random_index(hq, q_len, q_offset, seed=hq * 1000 + q_len + q_offset)
+    q, k, v = qkv(q_len, q_offset + q_len, hq, hkv, d, dtype, seed=7)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    mask = idx.to_dense_mask()
+    ref, ref_lse = masked_attention_reference(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_out_close(out, ref, dtype, torch_bf16_error(q, k, v, mask, ref) if dtype != torch.float32 else 0.0)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_empty_block_gives_zero_and_minus_inf(d):
+    idx = random_index(6, 200, 30, seed=3, empty_block=True)
+    q, k, v = qkv(200, 230, 6, 2, d, torch.float32, seed=1)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    block = idx.num_q_blocks // 2
+    rows = slice(block * 64, (block + 1) * 64)
+    assert bool(torch.isinf(lse[:, rows]).all()) and float(out[rows].abs().max()) == 0.0
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+def test_columns_only_and_ranges_past_the_horizon():
+    # block 0 names keys far in its future (must be cut by causality); block 1 only columns
+    q_len, off = 128, 16
+    ranges = [[[(0, 144)], []]]
+    cols = [[[], [0, 5, 100, 143]]]
+    idx = SparseIndex.from_lists(ranges, cols, q_len, off)
+    q, k, v = qkv(q_len, off + q_len, 1, 1, 64, torch.float32, seed=5)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("q_offset", [0, 37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_index_equals_sdpa(q_offset, dtype):
+    q_len, hq, hkv, d = 150, 8, 2, 64
+    q, k, v = qkv(q_len, q_offset + q_len, hq, hkv, d, dtype, seed=11)
+    out = sparse_prefill(q, k, v, SparseIndex.dense(hq, q_len, q_offset))
+    # SDPA's own causal mask is top-left aligned, so spell out the offset one
+    causal = torch.arange(q_offset + q_len)[None, :] <= (q_offset + torch.arange(q_len))[:, None]
+    sdpa = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+        attn_mask=causal, enable_gqa=True).transpose(0, 1)
+    torch_err = 0.0
+    if dtype != torch.float32:
+        low = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=causal, enable_gqa=True).transpose(0, 1)
+        torch_err = float((low.float() - sdpa).abs().max())
+    assert_out_close(out, sdpa, dtype, torch_err)
+
+
+def test_mixed_dense_and_sparse_heads_and_strided_kv():
+    # heads 0-2 dense (fast path), 3-5 sparse; K/V are strided views of a fused qkv tensor
+    q_len, off, hq, hkv, d = 100, 20, 6, 2, 64
+    sparse = random_index(3, q_len, off, seed=9)
+    idx = SparseIndex.cat_heads([SparseIndex.dense(3, q_len, off), sparse])
+    g = torch.Generator().manual_seed(2)
+    fused = torch.randn(off + q_len, hkv, 3 * d, generator=g)
+    k, v = fused[..., d:2 * d], fused[..., 2 * d:]
+    q = torch.randn(q_len, hq, d, generator=g)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_matches_masked_reference(block_size, dtype):
+    q_len, off, hq, hkv, d = 90, 45, 8, 2, 128
+    idx = SparseIndex.cat_heads([random_index(6, q_len, off, seed=4), SparseIndex.dense(2, q_len, off)])
+    q, k, v = qkv(q_len, off + q_len, hq, hkv, d, dtype, seed=3)
+    k_cache, v_cache, table = paged_cache([k], [v], block_size, seed=8)
+    out, lse = sparse_prefill_paged(q, k_cache, v_cache, table[0], idx, return_lse=True)
+    mask = idx.to_dense_mask()
+    ref, ref_lse = masked_attention_reference(q, k, v, mask)
+    assert_out_close(out, ref, dtype, torch_bf16_error(q, k, v, mask, ref) if dtype != torch.float32 else 0.0)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+def test_custom_scale_is_used():
+    idx = random_index(2, 64, 0, seed=1)
+    q, k, v = qkv(64, 64, 2, 1, 64, torch.float32, seed=2)
+    out, lse = sparse_prefill_torch(q, k, v, idx, scale=0.3, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask(), scale=0.3)
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+def test_errors_name_what_was_wrong():
+    idx = SparseIndex.dense(4, 10)
+    q, k, v = qkv(10, 10, 4, 2, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="expected \\[10"):
+        sparse_prefill_torch(q, k[:9], v[:9], idx)
+    with pytest.raises(ValueError, match="one per query head"):
+        sparse_prefill_torch(q, k, v, SparseIndex.dense(2, 10))
+    with pytest.raises(ValueError, match="not a multiple"):
+        sparse_prefill_torch(q[:, :3], k, v, SparseIndex.dense(3, 10))
+    kc, vc, table = paged_cache([k], [v], 4, seed=0, spare_blocks=0)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        sparse_prefill_paged_torch(q, kc, vc, table[0, :2], idx)
