@@ -169,7 +169,7 @@ def sparse_decode_triton(q, k_cache, v_cache, block_table, seq_lens, selection: 
             table.stride(0), mode.stride(0), indices.stride(0), indices.stride(1),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
             ROWS=rows, ROWS_PAD=max(16, triton.next_power_of_2(rows)), HS_PER_KV=hs // hkv,
-            SPLITS=splits, BLOCK_N=32 if (fp32 or d == 128) else 64, HEAD_DIM=d, PAGE=page,
+            SPLITS=splits, BLOCK_N=32 if fp32 else 64, HEAD_DIM=d, PAGE=page,
             SEL_BS=sel.block_size, UPCAST=interpreted(_sparse_decode_split_kernel),
             DOT_PRECISION="ieee" if fp32 else "tf32",
         )

@@ -140,7 +140,7 @@ def _expected(err: dict) -> tuple[str, str | None]:
     if kind == "union_tag_not_found":
         return f"a '{ctx.get('discriminator', 'type').strip(chr(39))}' field naming the pattern type", "an object without it"
     if kind == "literal_error":
-        return f"one of {ctx.get('expected')}", None
+        return str(ctx.get("expected")), None  # pydantic writes "1" or "'select' or 'reuse'"
     if kind in _PLAIN:
         return _PLAIN[kind].format(**ctx), None
     msg = err.get("msg", kind)

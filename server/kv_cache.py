@@ -41,17 +41,45 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         slots, key, value = slots[keep], key[keep], value[keep]
     bs = kv_cache.shape[2]
     d = key.shape[-1]
+    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    if kv_cache.device.type == "cpu":
+        runs = _slot_runs(slots, bs)
+        if runs is not None:
+            # a prefill's slots are runs of consecutive offsets inside a block: two slice copies per
+            # run are ~20x faster on CPU than element-wise index_put of the same bytes
+            for i0, i1, s in runs:
+                blk, off = divmod(s, bs)
+                kv_cache[blk, :, off:off + i1 - i0, :d] = key[i0:i1].transpose(0, 1)
+                kv_cache[blk, :, off:off + i1 - i0, d:] = value[i0:i1].transpose(0, 1)
+            return
     blk, off = slots // bs, slots % bs
     # advanced indices on dims 0 and 2 around a slice: the selected view is [n, Hkv, D]
-    kv_cache[blk, :, off, :d] = key.to(kv_cache.dtype)
-    kv_cache[blk, :, off, d:] = value.to(kv_cache.dtype)
+    kv_cache[blk, :, off, :d] = key
+    kv_cache[blk, :, off, d:] = value
+
+
+_MAX_RUNS = 64  # more runs than this (a batch of decodes: one token each) -> one indexed write
+
+
+def _slot_runs(slots: torch.Tensor, block_size: int) -> list[tuple[int, int, int]] | None:
+    """``(first row, end row, first slot)`` of each run of consecutive slots within one block,
+    or None when there are more than ``_MAX_RUNS`` of them."""
+    n = slots.shape[0]
+    blk = slots // block_size
+    cut = (slots[1:] != slots[:-1] + 1) | (blk[1:] != blk[:-1])
+    starts = [0] + (torch.nonzero(cut).squeeze(1) + 1).tolist()
+    if len(starts) > _MAX_RUNS:
+        return None
+    ends = starts[1:] + [n]
+    return list(zip(starts, ends, slots[starts].tolist()))
 
 
 def read_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions ``0..length-1`` of one request as contiguous ``k, v: [length, Hkv, D]`` (tests, debugging)."""
+    """Positions ``0..length-1`` of one request as ``k, v: [length, Hkv, D]`` (whole blocks are
+    copied, then trimmed: one block-level gather instead of a per-token one)."""
     bs = kv_cache.shape[2]
-    pos = torch.arange(length, device=kv_cache.device)
-    blk = block_table_row.long()[pos // bs]
-    rows = kv_cache[blk, :, pos % bs]  # [length, Hkv, 2D]
     d = kv_cache.shape[-1] // 2
+    n_blocks = -(-length // bs)
+    blocks = kv_cache[block_table_row[:n_blocks].long()]  # [n, Hkv, bs, 2D]
+    rows = blocks.transpose(1, 2).reshape(n_blocks * bs, kv_cache.shape[1], 2 * d)[:length]
     return rows[..., :d], rows[..., d:]

@@ -29,7 +29,7 @@ from .model import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
 # The plan `headwise serve` uses for the embedded model when no --plan is given (the patterns
 # engineer's sparse default for SmolLM2-135M-Instruct), relative to the configs directory.
-DEFAULT_PLAN = Path("smollm2-135m-instruct") / "default.json"
+DEFAULT_PLAN = Path("smollm2-135m-instruct") / "sparse.json"
 EMBEDDED_MAX_MODEL_LEN = 8192  # SmolLM2's trained context
 # On CPU vLLM compiles the model with inductor by default: minutes of start-up on a 2-core machine
 # (~160 s vs ~50 s eager here) for no decode speed-up we could measure on SmolLM2 (~21 vs ~22
@@ -319,7 +319,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             shutil.rmtree(launch.owned_stats_dir, ignore_errors=True)
         print(launch.command_line())
         return 0
-    attention = f"headwise, plan {launch.plan}" if launch.plan else "stock vLLM"
-    _say(f"serving {launch.model} with {attention} attention"
+    attention = f"headwise attention (plan {launch.plan})" if launch.plan else "stock vLLM attention"
+    _say(f"serving {launch.model} with {attention}"
          + (f"; defaults: {', '.join(launch.defaults)}" if launch.defaults else ""))
     return run_launch(launch)

@@ -55,6 +55,7 @@ class StatsRecorder:
         self.seconds = [0.0] * num_layers
         self.attention_calls = 0
         self.steps = 0
+        self.mixed_steps = 0  # steps whose batch held prefill and decode rows together
         self.tokens = [0, 0]
         self.requests = [[0, 0], [0, 0]]  # [phase][path]
         self._device_keys: dict[tuple[int, int], Any] = {}
@@ -85,6 +86,7 @@ class StatsRecorder:
     def add_step(self, prefill_tokens: int, decode_tokens: int, prefill_sparse: int,
                  prefill_dense: int, decode_sparse: int, decode_dense: int) -> None:
         self.steps += 1
+        self.mixed_steps += bool(prefill_tokens and decode_tokens)
         self.tokens[0] += prefill_tokens
         self.tokens[1] += decode_tokens
         self.requests[0][0] += prefill_sparse
@@ -116,6 +118,7 @@ class StatsRecorder:
                 "updated_at": time.time(),
                 "num_layers": self.num_layers,
                 "steps": self.steps,
+                "mixed_steps": self.mixed_steps,
                 "attention_calls": self.attention_calls,
                 "tokens": dict(zip(PHASES, self.tokens)),
                 "requests": {ph: dict(zip(PATHS, self.requests[i])) for i, ph in enumerate(PHASES)},
@@ -256,6 +259,7 @@ def read_stats(stats_dir: str | os.PathLike | None) -> dict:
         "plan": lead["plan"] if lead else None,
         "num_layers": num_layers,
         "steps": lead["steps"] if lead else 0,
+        "mixed_steps": lead.get("mixed_steps", 0) if lead else 0,
         "attention_calls": sum(s["attention_calls"] for s in snaps),
         "tokens": lead["tokens"] if lead else dict.fromkeys(PHASES, 0),
         "requests": lead["requests"] if lead else zero_req,
@@ -289,6 +293,8 @@ class HeadwiseCollector:
                                 value=len(st["workers"]))
         yield CounterMetricFamily("headwise_steps", "scheduler steps the headwise backend planned",
                                   value=st["steps"])
+        yield CounterMetricFamily("headwise_mixed_steps", "steps that batched prefill and decode rows together",
+                                  value=st["mixed_steps"])
         yield CounterMetricFamily("headwise_attention_calls",
                                   "per-layer attention calls run by the headwise backend (all ranks)",
                                   value=st["attention_calls"])

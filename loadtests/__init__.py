@@ -1,0 +1,1 @@
+"""Load tests for an OpenAI-compatible server: a locust file, a headless runner, its report."""

@@ -1,0 +1,46 @@
+"""The prompt-length mix of a load test: parsing ``TOKENS:WEIGHT,...`` and a deterministic schedule.
+
+Kept apart from the locustfile, which imports locust (and with it gevent's monkey-patching) at
+import time: the runner checks a mix without importing that.
+"""
+
+from __future__ import annotations
+
+
+def parse_length_mix(text: str) -> list[tuple[int, float]]:
+    """``"1000:0.6,4000:0.4"`` -> ``[(1000, 0.6), (4000, 0.4)]``; a bare ``N`` has weight 1."""
+    mix = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        tokens, _, weight = part.partition(":")
+        try:
+            n, w = int(tokens), float(weight or 1)
+        except ValueError:
+            raise ValueError(f"--prompt-lengths item {part!r}: expected TOKENS:WEIGHT with an integer "
+                             "token count and a number weight, e.g. 2000:0.5") from None
+        if n < 1 or not w > 0:
+            raise ValueError(f"--prompt-lengths item {part!r}: expected tokens >= 1 and weight > 0")
+        mix.append((n, w))
+    if not mix:
+        raise ValueError(f"--prompt-lengths {text!r}: expected at least one TOKENS:WEIGHT item")
+    return mix
+
+
+class LengthSchedule:
+    """Deterministic weighted round robin (smooth: the most under-served length goes next).
+
+    After n picks each length has been chosen about ``n * weight / total`` times (never more than
+    a request or two off), so a short run still sees the configured mix, and the same mix gives the
+    same order every run.
+    """
+
+    def __init__(self, mix: list[tuple[int, float]]):
+        total = sum(w for _, w in mix)
+        self.lengths = [n for n, _ in mix]
+        self.shares = [w / total for _, w in mix]
+        self.credit = [0.0] * len(mix)
+
+    def next(self) -> int:
+        self.credit = [c + s for c, s in zip(self.credit, self.shares)]
+        i = max(range(len(self.credit)), key=self.credit.__getitem__)
+        self.credit[i] -= 1.0
+        return self.lengths[i]

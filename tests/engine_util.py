@@ -1,0 +1,108 @@
+"""Starting and stopping real vLLM CPU engines in tests, and comparing their greedy outputs.
+
+``engine(plan=None, **kw)`` yields a ``vllm.LLM`` over the embedded SmolLM2-135M-Instruct (stock
+attention when ``plan`` is None, headwise otherwise) and always stops every process it started:
+vLLM's engine core and workers are children of the test process and outlive a dropped ``LLM``.
+
+Greedy comparisons stop at the first *near-tie*: bf16 logits of two tokens can be equal or a
+hair apart, and a different but correct summation order (our torch path vs the stock kernel,
+chunked vs not) then legitimately picks the other token, after which the texts diverge. A
+position is a near-tie when, in either run, the top-2 logprobs are closer than ``TIE_NATS``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = ROOT / "configs" / "smollm2-135m-instruct"
+# Prompt logprobs of the same model under two correct bf16 attention implementations differed by
+# up to 0.17 nats (mean 0.013) over 300 tokens on this machine; a margin of 2x that marks a near-tie.
+TIE_NATS = 0.35
+BASE_KW = dict(enforce_eager=True, max_model_len=4096, seed=0, gpu_memory_utilization=0.5)
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def stop_new_processes(before: set[int]) -> None:
+    procs = [psutil.Process(pid) for pid in _children() - before if psutil.pid_exists(pid)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@contextmanager
+def engine(plan: str | os.PathLike | None = None, **kw):
+    import vllm
+
+    from headwise.server import plugin
+    from headwise.server.model import resolve_model
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; keeps several engines in 24 GiB
+    before = _children()
+    kw = {**BASE_KW, **kw}
+    if plan is None:
+        plugin.disable()
+    else:
+        kw = plugin.engine_args(plan, **kw)
+    llm = None
+    try:
+        llm = vllm.LLM(resolve_model(None), **kw)
+        llm.headwise_stats_dir = (kw.get("additional_config") or {}).get("headwise", {}).get("stats_dir")
+        yield llm
+    finally:
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - teardown must go on to the kill below
+                pass
+        stop_new_processes(before)
+        plugin.disable()
+
+
+def chat_prompt(llm, text: str) -> str:
+    tok = llm.get_tokenizer()
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def greedy(max_tokens: int, prompt_logprobs: bool = False, **kw):
+    import vllm
+
+    return vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2,
+                               prompt_logprobs=1 if prompt_logprobs else None, **kw)
+
+
+def _is_tie(step_logprobs) -> bool:
+    vals = sorted((lp.logprob for lp in step_logprobs.values()), reverse=True)
+    return len(vals) >= 2 and vals[0] - vals[1] < TIE_NATS
+
+
+def agreeing_prefix(a, b) -> tuple[int, int | None]:
+    """Compare two CompletionOutputs token by token up to the first near-tie in either.
+
+    Returns (tokens compared, index of the first *real* disagreement or None).
+    """
+    n = min(len(a.token_ids), len(b.token_ids))
+    for i in range(n):
+        if _is_tie(a.logprobs[i]) or _is_tie(b.logprobs[i]):
+            return i, None
+        if a.token_ids[i] != b.token_ids[i]:
+            return i, i
+    return n, None
+
+
+def prompt_logprob_diffs(a, b) -> list[float]:
+    """|logprob(a) - logprob(b)| of every prompt token (both RequestOutputs of the same prompt)."""
+    out = []
+    for tok, la, lb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        out.append(abs(la[tok].logprob - lb[tok].logprob))
+    return out

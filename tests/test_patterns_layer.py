@@ -1,0 +1,68 @@
+"""``build_layer_prefill_index``: grouping by spec, head order, per-step caching, TP slices, dense fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.kernels.index import SparseIndex
+from headwise.patterns.a_shape import AShape
+from headwise.patterns.base import PrefillInputs
+from headwise.patterns.block_sparse import BlockSparse
+from headwise.patterns.dense import Dense
+from headwise.patterns.prefill import build_layer_prefill_index, build_prefill, is_static
+from headwise.patterns.strided import Strided
+from headwise.patterns.vertical_slash import VerticalSlash
+
+H, HKV, D = 9, 3, 16  # SmolLM2's head layout: 3 query heads per KV head
+MIXED = [VerticalSlash(vertical=20, slash=10, local_diagonals=8), AShape(sink=4, window=40), Dense(),
+         Strided(local_blocks=1, vert_stride=3), AShape(sink=4, window=40), BlockSparse(top_k=2),
+         VerticalSlash(vertical=20, slash=10, local_diagonals=8), Strided(local_blocks=1, vert_stride=3), Dense()]
+
+
+def qk(tq: int, s: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tq, H, D, generator=g), torch.randn(s, HKV, D, generator=g)
+
+
+def one_head(spec, h: int, q, k, q_offset: int) -> SparseIndex:
+    """Build head ``h`` alone, the slow way, as the reference for the grouped build."""
+    inp = PrefillInputs(heads=[h], num_layer_heads=H, num_layer_kv_heads=HKV, q_offset=q_offset, q_len=q.shape[0],
+                        total_len=k.shape[0], q=q[:, [h]], k=k, kv_heads=torch.tensor([h // 3]))
+    return build_prefill(spec, inp)
+
+
+def test_grouped_build_equals_each_head_built_alone():
+    q, k = qk(150, 250)
+    idx = build_layer_prefill_index(MIXED, list(range(H)), H, q, k, torch.arange(H) // 3, 100, 250,
+                                    num_layer_kv_heads=HKV)
+    idx.check()
+    mask = idx.to_dense_mask()
+    for h, spec in enumerate(MIXED):
+        assert torch.equal(mask[h], one_head(spec, h, q, k, 100).to_dense_mask()[0]), f"head {h} ({spec.type})"
+
+
+def test_a_tensor_parallel_slice_builds_the_same_heads():
+    """Rank 1 of TP=3 serves global heads 3..5 with local KV head 0; its index equals those rows."""
+    q, k = qk(130, 130, seed=1)
+    full = build_layer_prefill_index(MIXED, list(range(H)), H, q, k, torch.arange(H) // 3, 0, 130,
+                                     num_layer_kv_heads=HKV).to_dense_mask()
+    part = build_layer_prefill_index(MIXED[3:6], [3, 4, 5], H, q[:, 3:6], k[:, 1:2], torch.zeros(3, dtype=torch.long),
+                                     0, 130, num_layer_kv_heads=HKV).to_dense_mask()
+    assert torch.equal(part, full[3:6])
+
+
+def test_static_groups_are_shared_through_the_step_cache():
+    cache: dict = {}
+    specs = [AShape(sink=4, window=40)] * H
+    a = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache)
+    b = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache)
+    assert len(cache) == 1 and a is b
+    assert is_static(specs[0]) and not is_static(VerticalSlash())
+
+
+def test_dense_below_and_all_dense_give_the_dense_index():
+    q, k = qk(100, 100)
+    for idx in (build_layer_prefill_index(MIXED, list(range(H)), H, q, k, None, 0, 100, dense_below=101,
+                                          num_layer_kv_heads=HKV),
+                build_layer_prefill_index([Dense()] * H, list(range(H)), H, q, k, None, 0, 100)):
+        assert torch.equal(idx.to_dense_mask(), SparseIndex.dense(H, 100).to_dense_mask())

@@ -1,0 +1,231 @@
+"""Which path each row of a step takes, with the kernels replaced by recording fakes.
+
+No engine: the real builder and impl run over hand-built vLLM metadata (``plugin_batches``). The
+fakes record their arguments and delegate to the real torch kernels, so every test also checks
+the output against the dense-masked fp32 oracle computed from contiguous K/V. fp32 everywhere:
+the torch path and the oracle differ only by summation order, ~1e-6; 1e-4 leaves room for the
+online softmax's rescaling.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from headwise import kernels
+from headwise.kernels import dispatch
+from headwise.kernels.index import DecodeMode
+from headwise.patterns import a_shape
+from headwise.patterns.base import PrefillInputs
+from headwise.server import impl as impl_mod
+from headwise.server import stats
+from plugin_batches import D, HQ, HKV, SCALE, Req, Step, make_backend, make_plan, run_layer
+
+DENSE = {"type": "dense"}
+ATOL = 1e-4
+
+# The step vLLM hands over after reordering one-token rows to the front. Why each row is there:
+MIXED = [
+    Req(context=39, q_len=1, prefilling=False),  # a running decode
+    Req(context=69, q_len=1, prefilling=False),  # another decode, different length
+    Req(context=0, q_len=1, prefilling=True),  # a one-token *prompt*: batched with decodes, is a prefill
+    Req(context=50, q_len=1, prefilling=True),  # prefix-cache hit, only the last prompt token left: a prefill
+    Req(context=64, q_len=40, prefilling=True),  # a later chunk of a chunked prefill (reads 64 cached tokens)
+    Req(context=0, q_len=100, prefilling=True),  # a fresh prompt, not a multiple of the 64-query block
+]
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.calls]
+
+
+@pytest.fixture(autouse=True)
+def fresh_recorder(monkeypatch):
+    monkeypatch.setattr(stats, "_RECORDER", None)  # each test's builder makes its own
+    yield
+    if stats._RECORDER is not None:
+        stats._RECORDER.stop()
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    rec = Recorder()
+
+    def prefill(q, k_cache, v_cache, table_row, index, scale=None):
+        rec.calls.append(("prefill", dict(q=q.clone(), table_row=table_row.clone(), index=index)))
+        return kernels.sparse_prefill_paged_torch(q, k_cache, v_cache, table_row, index, scale)
+
+    def decode(q, k_cache, v_cache, block_table, seq_lens, selection, scale=None):
+        rec.calls.append(("decode", dict(q=q.clone(), seq_lens=seq_lens.clone(), table=block_table.clone(),
+                                         selection=selection)))
+        return kernels.sparse_decode_torch(q, k_cache, v_cache, block_table, seq_lens, selection, scale)
+
+    monkeypatch.setitem(impl_mod.KERNELS, "sparse_prefill_paged", prefill)
+    monkeypatch.setitem(impl_mod.KERNELS, "sparse_decode", decode)
+    return rec
+
+
+def test_mixed_batch_routes_each_row(tmp_path, fakes):
+    builder, impls = make_backend(make_plan(DENSE, DENSE), tmp_path)
+    step = Step(MIXED)
+    md = builder.build(0, step.common)
+    query = step.query(1)
+    out = run_layer(impls[0], 0, step, md, query)
+
+    assert fakes.kinds() == ["decode", "prefill", "prefill", "prefill", "prefill"]
+    _, dec = fakes.calls[0]
+    assert dec["seq_lens"].tolist() == [40, 70]
+    assert torch.equal(dec["q"], query[0:2])
+    assert torch.equal(dec["table"], step.block_table[:2])
+    # prefills: (request, chunk start, chunk length) in batch order, one call each
+    for (_, call), i in zip(fakes.calls[1:], [2, 3, 4, 5]):
+        r = MIXED[i]
+        assert (call["index"].q_offset, call["index"].q_len) == (r.context, r.q_len)
+        assert torch.equal(call["q"], query[step.rows(i)])
+        assert torch.equal(call["table_row"], step.block_table[i])
+    for i in range(len(MIXED)):
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, step.causal(i)), atol=ATOL, rtol=0)
+
+
+def test_without_vllms_prefill_flag_an_empty_context_still_marks_a_prompt(tmp_path, fakes):
+    builder, impls = make_backend(make_plan(DENSE, DENSE), tmp_path)
+    step = Step(MIXED, flag_prefilling=False)
+    md = builder.build(0, step.common)
+    run_layer(impls[0], 0, step, md, step.query(2))
+    # the prefix-cache hit (context 50, one token) is indistinguishable from a decode then
+    assert fakes.calls[0][1]["seq_lens"].tolist() == [40, 70, 51]
+    assert [c["index"].q_offset for k, c in fakes.calls if k == "prefill"] == [0, 64, 0]
+
+
+def test_sparse_rows_and_dense_fallback(tmp_path, fakes):
+    plan = make_plan({"type": "a_shape", "sink": 8, "window": 32}, {"type": "window", "sink": 4, "window": 16},
+                     dense_below=64)
+    builder, impls = make_backend(plan, tmp_path)
+    reqs = [Req(30, 1, False), Req(149, 1, False), Req(0, 40, True), Req(0, 200, True)]
+    step = Step(reqs, seed=3)
+    md = builder.build(0, step.common)
+    query = step.query(4)
+    out = run_layer(impls[1], 1, step, md, query)
+
+    sel = fakes.calls[0][1]["selection"]
+    assert sel.mode[0].tolist() == [DecodeMode.DENSE] * HQ  # 31 tokens < dense_below
+    assert sel.mode[1].tolist() == [DecodeMode.WINDOW] * HQ
+    short, long = fakes.calls[1][1]["index"], fakes.calls[2][1]["index"]
+    assert torch.equal(short.to_dense_mask(), step.causal(2))  # 40 < dense_below: dense
+    want = a_shape.build_prefill(a_shape.AShape(sink=8, window=32),
+                                 PrefillInputs(heads=list(range(HQ)), num_layer_heads=HQ, q_offset=0, q_len=200,
+                                               total_len=200))
+    assert torch.equal(long.to_dense_mask(), want.to_dense_mask()) and long.density() < 0.6
+    dec_mask = sel.to_dense_mask(step.seq_lens[:2])
+    for i, mask in [(0, dec_mask[0, :, None, :31]), (1, dec_mask[1, :, None, :150]),
+                    (2, short.to_dense_mask()), (3, long.to_dense_mask())]:
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, mask), atol=ATOL, rtol=0)
+    stats.get_recorder().publish()
+    st = stats.read_stats(tmp_path)
+    assert st["requests"] == {"prefill": {"sparse": 1, "dense_fallback": 1},
+                              "decode": {"sparse": 1, "dense_fallback": 1}}
+    assert 0 < st["layers"][1]["density"]["prefill"] < 1 and st["attention_calls"] == 1
+
+
+def test_static_index_built_once_per_step_and_shared_by_layers(tmp_path, fakes):
+    plan = make_plan({"type": "a_shape", "sink": 8, "window": 32}, DENSE,
+                     layers={"2": {"prefill": {"type": "a_shape", "sink": 16, "window": 32}}})
+    builder, impls = make_backend(plan, tmp_path)
+    step = Step([Req(0, 150, True)], seed=5)
+    md = builder.build(0, step.common)
+    for layer in range(4):
+        run_layer(impls[layer], layer, step, md, step.query(10 + layer), write=layer == 0)
+    ids = [id(c["index"]) for _, c in fakes.calls]
+    assert ids[0] == ids[1] == ids[3] != ids[2]  # layer 2 has its own spec
+    md2 = builder.build(0, step.common)  # next step: a fresh cache
+    run_layer(impls[0], 0, step, md2, step.query(20), write=False)
+    assert id(fakes.calls[-1][1]["index"]) != ids[0]
+
+
+def test_tidal_select_layer_writes_what_reuse_layers_read(tmp_path, fakes):
+    plan = make_plan(DENSE, {"type": "tidal", "role": "reuse"}, num_layers=4, tidal_top_k=8,
+                     layers={"0": {"decode": DENSE}, "1": {"decode": {"type": "tidal", "role": "select"}}})
+    builder, impls = make_backend(plan, tmp_path)
+    step = Step([Req(39, 1, False), Req(74, 1, False), Req(129, 1, False)], seed=7)
+    md = builder.build(0, step.common)
+    q_sel, q_reuse = step.query(30), step.query(31)
+    run_layer(impls[1], 1, step, md, q_sel)
+
+    # the buffer holds each head's top-8 positions by q.k (current token forced in), computed here
+    # independently from the contiguous keys
+    positions, counts = md.tidal.read(3, torch.arange(HQ))
+    for i, r in enumerate(step.reqs):
+        k = step.k[i][:, torch.arange(HQ) // (HQ // HKV)]  # [S, HQ, D]
+        scores = torch.einsum("hd,shd->hs", q_sel[i], k) * SCALE
+        scores[:, r.seq_len - 1] = float("inf")
+        want = torch.sort(torch.topk(scores, 8, dim=-1).indices, dim=-1).values
+        assert counts[i].tolist() == [8] * HQ
+        assert torch.equal(positions[i].long(), want)
+
+    out = run_layer(impls[2], 2, step, md, q_reuse, write=False)
+    sel = fakes.calls[-1][1]["selection"]
+    assert (sel.mode == DecodeMode.POSITIONS).all()
+    assert torch.equal(sel.indices, positions) and torch.equal(sel.count, counts)
+    mask = sel.to_dense_mask(step.seq_lens)
+    for i, r in enumerate(step.reqs):
+        assert mask[i].sum(-1).tolist() == [8] * HQ
+        torch.testing.assert_close(out[step.rows(i)], step.reference(q_reuse, i, mask[i, :, None, :r.seq_len]),
+                                   atol=ATOL, rtol=0)
+
+    # next step: the select layer overwrites the same (persistent) buffer, reuse layers follow
+    address = md.tidal.positions.data_ptr()
+    md2 = builder.build(0, step.common)
+    run_layer(impls[1], 1, step, md2, step.query(40), write=False)
+    run_layer(impls[3], 3, step, md2, q_reuse, write=False)
+    assert md2.tidal.positions.data_ptr() == address
+    assert not torch.equal(fakes.calls[-1][1]["selection"].indices, positions)
+    assert torch.equal(fakes.calls[-1][1]["selection"].indices, md2.tidal.read(3, torch.arange(HQ))[0])
+
+
+def test_simulated_cuda_dispatch_routes_to_triton_entry_points(tmp_path, monkeypatch):
+    """With a CUDA-like dispatch, the impl's calls reach the Triton launchers, never the torch path."""
+    calls: list[str] = []
+
+    def triton_prefill(q, k_cache, v_cache, table_row, index, scale, return_lse):
+        calls.append(f"triton_prefill q_offset={index.q_offset}")
+        return kernels.sparse_prefill_paged_torch(q, k_cache, v_cache, table_row, index, scale, return_lse)
+
+    def triton_decode(q, k_cache, v_cache, table, seq_lens, selection, scale, return_lse):
+        calls.append(f"triton_decode batch={q.shape[0]}")
+        return kernels.sparse_decode_torch(q, k_cache, v_cache, table, seq_lens, selection, scale, return_lse)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch path ran although dispatch chose Triton")
+
+    monkeypatch.setitem(sys.modules, "headwise.kernels.prefill_triton",
+                        types.SimpleNamespace(sparse_prefill_paged_triton=triton_prefill))
+    monkeypatch.setitem(sys.modules, "headwise.kernels.decode_triton",
+                        types.SimpleNamespace(sparse_decode_triton=triton_decode))
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "sparse_prefill_paged_torch", refuse)
+    monkeypatch.setattr(dispatch, "sparse_decode_torch", refuse)
+
+    builder, impls = make_backend(make_plan(DENSE, DENSE), tmp_path)
+    step = Step(MIXED, seed=9)
+    md = builder.build(0, step.common)
+    query = step.query(11)
+    out = run_layer(impls[0], 0, step, md, query)
+    assert calls == ["triton_decode batch=2", "triton_prefill q_offset=0", "triton_prefill q_offset=50",
+                     "triton_prefill q_offset=64", "triton_prefill q_offset=0"]
+    for i in range(len(MIXED)):
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, step.causal(i)), atol=ATOL, rtol=0)
+
+
+def test_profiling_run_without_metadata_touches_nothing(tmp_path, fakes):
+    _, impls = make_backend(make_plan(DENSE, DENSE), tmp_path)
+    step = Step([Req(0, 5, True)])
+    out = torch.zeros(step.num_tokens, HQ, D)
+    impls[0].forward(None, step.query(0), step.key, step.value, step.kv_cache, None, out)
+    assert fakes.calls == [] and out.abs().sum() == 0

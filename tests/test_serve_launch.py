@@ -1,0 +1,167 @@
+"""`headwise serve` turns its arguments into a `vllm serve` command line: defaults, pass-through, errors.
+
+No engine starts here. Every launch is re-parsed with vLLM's own `serve` parser, so the checks are
+on what vLLM would actually receive, not on our strings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from headwise.server import serve
+from headwise.server.model import default_model_dir, prepare_default_model
+from headwise.server.serve import ServeError, parse_vllm_args, plan_launch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM_PLANS = ROOT / "configs" / "smollm2-135m-instruct"
+LLAMA_PLAN = ROOT / "configs" / "llama-3.1-8b.json"  # the Docker example's plan: wrong geometry for SmolLM2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_model():
+    return prepare_default_model()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """plan_launch, with the stats directories it creates removed afterwards."""
+    monkeypatch.delenv("HEADWISE_STATS_DIR", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    made = []
+
+    def launch(*args, **kw):
+        result = plan_launch(*args, **kw)
+        made.append(result)
+        return result
+
+    yield launch
+    for result in made:
+        if result.owned_stats_dir:
+            shutil.rmtree(result.owned_stats_dir, ignore_errors=True)
+
+
+def test_no_arguments_serve_the_embedded_model_with_its_plan_and_small_machine_defaults(launches):
+    launch = launches(None, None, [], on_cpu=True)
+    args = parse_vllm_args(launch.argv)
+    assert args.model_tag == str(default_model_dir())
+    assert args.served_model_name == ["SmolLM2-135M-Instruct"]
+    assert args.max_model_len == 8192
+    assert args.kv_cache_memory_bytes == 2 * 1024**3  # "2G" is binary in vLLM's notation
+    assert args.enforce_eager is True
+    assert args.middleware == [serve.ROUTES_MIDDLEWARE]
+    plan = args.additional_config["headwise"]["plan"]
+    assert Path(plan) == (SMOLLM_PLANS / serve.DEFAULT_PLAN.name).resolve()
+    assert launch.env["HEADWISE_ENABLE"] == "1" and launch.env["HEADWISE_PLAN"] == plan
+    # the stats directory the workers publish into exists and is the one the routes will read
+    assert Path(launch.env["HEADWISE_STATS_DIR"]).is_dir()
+    assert args.additional_config["headwise"]["stats_dir"] == launch.env["HEADWISE_STATS_DIR"]
+
+
+def test_the_users_own_flags_win_over_every_default(launches):
+    extra = ["--max-model-len", "4096", "--kv-cache-memory-bytes", "1G", "-O1",
+             "--served-model-name", "tiny", "--port", "9123"]
+    args = parse_vllm_args(launches(None, None, extra, on_cpu=True).argv)
+    assert args.max_model_len == 4096
+    assert args.kv_cache_memory_bytes == 1024**3
+    assert args.enforce_eager is False  # -O1 chose compilation
+    assert args.served_model_name == ["tiny"]
+    assert args.port == 9123
+
+
+@pytest.mark.parametrize("flag", ["--no-enforce-eager", "--compilation-config={\"mode\": 3}"])
+def test_any_compilation_choice_turns_the_cpu_eager_default_off(launches, flag):
+    assert parse_vllm_args(launches(None, None, [flag], on_cpu=True).argv).enforce_eager is False
+
+
+def test_vllm_flags_pass_through_and_additional_config_is_merged(launches):
+    extra = ["--api-key", "k1", "--seed", "7", "--max-num-seqs", "3", "--tensor-parallel-size", "1",
+             "--additional-config", json.dumps({"other": {"x": 1}, "headwise": {"note": "kept"}}),
+             "--middleware", "my.module.Middleware"]
+    args = parse_vllm_args(launches(None, None, extra, on_cpu=True).argv)
+    assert args.api_key == ["k1"] and args.seed == 7 and args.max_num_seqs == 3
+    assert args.additional_config["other"] == {"x": 1}
+    assert args.additional_config["headwise"]["note"] == "kept"
+    assert args.additional_config["headwise"]["plan"].endswith(serve.DEFAULT_PLAN.name)
+    assert args.middleware == ["my.module.Middleware", serve.ROUTES_MIDDLEWARE]
+
+
+def test_gpu_launch_keeps_vllm_memory_and_compilation_defaults(launches):
+    args = parse_vllm_args(launches(None, None, [], on_cpu=False).argv)
+    assert args.kv_cache_memory_bytes is None and args.enforce_eager is False
+
+
+def test_no_headwise_serves_stock_attention_but_keeps_the_routes(launches):
+    launch = launches(None, None, ["--max-model-len", "2048"], headwise=False, on_cpu=True)
+    args = parse_vllm_args(launch.argv)
+    assert launch.plan is None and launch.env == {}
+    assert "headwise" not in (args.additional_config or {})
+    assert args.middleware == [serve.ROUTES_MIDDLEWARE]
+
+
+def test_an_allowlist_without_headwise_gets_it_added(launches, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "someone_else")
+    launch = launches(None, None, [], on_cpu=True)
+    assert launch.env["VLLM_PLUGINS"] == "someone_else,headwise"
+
+
+def test_an_explicit_plan_and_a_model_directory(launches, embedded_model, tmp_path):
+    plan = tmp_path / "mine.json"
+    plan.write_text((SMOLLM_PLANS / "dense.json").read_text())
+    launch = launches(str(embedded_model), str(plan), [], on_cpu=True)
+    args = parse_vllm_args(launch.argv)
+    assert args.model_tag == str(Path(embedded_model).resolve())
+    assert args.additional_config["headwise"]["plan"] == str(plan.resolve())
+    # a model given by the user keeps vLLM's own name and context length
+    assert args.served_model_name is None and args.max_model_len is None
+
+
+# ------------------------------------------------------------------------ mistakes users make
+def _error(launches, *args, **kw) -> str:
+    with pytest.raises(ServeError) as info:
+        launches(*args, **kw)
+    return str(info.value)
+
+
+def test_a_plan_for_another_model_is_refused_before_any_engine(launches):
+    message = _error(launches, None, str(LLAMA_PLAN), [], on_cpu=True)
+    assert str(LLAMA_PLAN) in message and "cannot serve model" in message
+    assert "num_layers" in message or "layers" in message  # the geometry field that differs is named
+
+
+def test_heads_that_do_not_split_over_tensor_parallel_ranks_are_refused(launches):
+    # SmolLM2 has 9 query and 3 KV heads: two ranks cannot share them
+    message = _error(launches, None, None, ["--tensor-parallel-size", "2"], on_cpu=True)
+    assert "2" in message and "cannot serve model" in message
+
+
+def test_a_model_without_a_plan_asks_for_one(launches, embedded_model):
+    message = _error(launches, str(embedded_model), None, [], on_cpu=True)
+    assert "--plan" in message and "--no-headwise" in message
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--bogus-flag"], "--bogus-flag"),
+    (["stray-model-name"], "stray-model-name"),
+])
+def test_unknown_arguments_are_named(launches, extra, expected):
+    assert expected in _error(launches, None, None, extra, on_cpu=True)
+
+
+def test_missing_files_and_contradictions_are_named(launches, tmp_path):
+    assert "no such file" in _error(launches, None, str(tmp_path / "nope.json"), [], on_cpu=True)
+    assert "no such directory" in _error(launches, str(tmp_path / "no-model"), None, [], on_cpu=True)
+    assert "--no-headwise" in _error(launches, None, str(SMOLLM_PLANS / "dense.json"), [],
+                                     headwise=False, on_cpu=True)
+    other = json.dumps({"headwise": {"plan": str(SMOLLM_PLANS / "dense.json")}})
+    assert "two plans" in _error(launches, None, str(SMOLLM_PLANS / "tidal.json"),
+                                 ["--additional-config", other], on_cpu=True)
+
+
+def test_default_plan_missing_says_where_it_looked(launches, monkeypatch, tmp_path):
+    monkeypatch.setenv(serve.ENV_CONFIGS, str(tmp_path))
+    message = _error(launches, None, None, [], on_cpu=True)
+    assert str(tmp_path / serve.DEFAULT_PLAN) in message and serve.ENV_CONFIGS in message
