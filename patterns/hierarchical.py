@@ -38,7 +38,8 @@ class Hierarchical(PatternModel):
     sink: int = Field(256, ge=0, description="first tokens always attended")
     window: int = Field(1024, ge=1, description="most recent tokens always attended")
     stages: tuple[HipStage, ...] = Field(_DEFAULT_STAGES, min_length=1, description="coarse to fine")
-    refresh: tuple[int, ...] = Field((32, 16, 8), description="decode steps between re-running each stage")
+    refresh: tuple[int, ...] = Field((32, 16, 8), description="decode steps between re-running each stage "
+                                     "(for a HiP decode selector; prefill ignores it)")
 
     @model_validator(mode="after")
     def _stages_nest(self) -> "Hierarchical":

@@ -44,7 +44,8 @@ def select_decode(p: PageTopK, inp: DecodeInputs) -> DecodeSelection:
     n_pages = (lens + p.page_size - 1) // p.page_size
     keep, _ = estimate.topk_forced(scores, p.budget // p.page_size, forced=page == n_pages - 1,
                                    allowed=page < n_pages)
-    idx, count = torch.sort(torch.where(keep, page, 2**31 - 1), dim=-1)[0], keep.sum(-1)
+    idx = torch.sort(torch.where(keep, page, 2**31 - 1), dim=-1).values  # kept pages first, ascending
+    count = keep.sum(-1)
     width = max(1, int(count.max().item()))
     idx = torch.where(torch.arange(width, device=idx.device) < count[..., None], idx[..., :width], 0)
     b, h = scores.shape[:2]

@@ -186,7 +186,7 @@ class Plan(_Strict):
             raise PlanError(issues, file=self._source)
 
     # ------------------------------------------------------------ densities
-    def density_context(self, layer: int | None = None) -> DensityContext:
+    def density_context(self) -> DensityContext:
         s, m = self.settings, self.model
         return DensityContext(planned_generation=s.planned_generation, tidal_top_k=s.tidal_top_k,
                               num_layer_heads=m.num_heads, num_layer_kv_heads=m.num_kv_heads, block_m=s.block_size)

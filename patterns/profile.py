@@ -88,10 +88,51 @@ def rows_mask(index: SparseIndex, blocks: Sequence[int]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def sampled_probs(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, rows: torch.Tensor,
-                  scale: float | None = None) -> torch.Tensor:
-    """Dense causal softmax of the sampled queries, fp32. q: ``[S, H, D]``; k: ``[S, Hkv, D]`` -> ``[H, n, S]``."""
-    return estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
+@dataclass
+class RowSample:
+    """The sampled query rows of one (prompt, layer) and their dense attention.
+
+    probs:  ``[H, n, S]`` fp32 causal softmax of the sampled queries (``block_rows`` order).
+    prefix: ``[H, n, S + 1]`` fp64 prefix sums of ``probs`` (a range's mass is two lookups).
+    """
+
+    blocks: list[int]
+    rows: torch.Tensor
+    probs: torch.Tensor
+    prefix: torch.Tensor
+
+    @classmethod
+    def from_qk(cls, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, n_blocks: int = 4,
+                block_m: int = 64, scale: float | None = None) -> "RowSample":
+        """q: ``[S, H, D]`` every query of the prompt; k: ``[S, Hkv, D]``."""
+        blocks = sample_blocks(q.shape[0], n_blocks, block_m)
+        rows = block_rows(blocks, q.shape[0], block_m).to(q.device)
+        probs = estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
+        prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
+        return cls(blocks, rows, probs, prefix)
+
+
+def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
+    """``[H, n]`` the probability each sampled query keeps under ``index``, without a dense mask.
+
+    A range ``[s, e)`` keeps ``P[min(e, p + 1)] - P[min(s, min(e, p + 1))]`` of query ``p``'s mass,
+    with ``P`` its prefix sum; a column ``c <= p`` keeps ``probs[c]``. Equal to
+    ``(probs * rows_mask(index, blocks)).sum(-1)`` at ``O(n (R + C))`` instead of ``O(n S)``.
+    """
+    if index.q_offset != 0:
+        raise ValueError(f"kept_mass: expected an index over the whole prompt (q_offset 0), found q_offset {index.q_offset}")
+    rows, probs, prefix = sample.rows, sample.probs, sample.prefix
+    n, s = rows.shape[0], probs.shape[2]
+    qb = rows // index.block_m
+    p1 = (rows + 1).view(1, n, 1)
+    r_valid = torch.arange(index.range_start.shape[2], device=rows.device) < index.range_count[:, qb, None]
+    e = torch.minimum(index.range_end[:, qb].long(), p1)  # [H, n, R]
+    st = torch.minimum(index.range_start[:, qb].long(), e)
+    in_ranges = ((prefix.gather(2, e) - prefix.gather(2, st)) * r_valid).sum(-1)
+    cols = index.columns[:, qb].long()  # [H, n, C]
+    c_valid = (torch.arange(cols.shape[2], device=rows.device) < index.column_count[:, qb, None]) & (cols < p1)
+    in_cols = (probs.gather(2, cols.clamp(max=s - 1)).double() * c_valid).sum(-1)
+    return (in_ranges + in_cols).float()
 
 
 # -------------------------------------------------------------------------- scoring
@@ -117,9 +158,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
         raise ValueError(f"score_layer: q/k have {hq}/{k.shape[1]} heads, expected {layer_heads}/{layer_kv_heads}")
     group = hq // layer_kv_heads
     kv_heads = torch.arange(hq) // group
-    blocks = sample_blocks(s, n_blocks, block_m)
-    rows = block_rows(blocks, s, block_m)
-    probs = sampled_probs(q, k, kv_heads, rows, scale)  # [H, n, S]
+    sample = RowSample.from_qk(q, k, kv_heads, n_blocks, block_m, scale)
     mass = np.zeros((hq, len(candidates)))
     density = np.zeros((hq, len(candidates)))
     for c, spec in enumerate(candidates):
@@ -127,8 +166,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
                             total_len=total_len or s, q=q, k=k, kv_heads=kv_heads, block_m=block_m,
                             num_layer_kv_heads=layer_kv_heads, scale=scale)
         index = build(spec, inp)
-        kept = (probs * rows_mask(index, blocks)).sum(-1)  # [H, n]: kept probability per row
-        mass[:, c] = kept.mean(-1).numpy()
+        mass[:, c] = kept_mass(index, sample).mean(-1).numpy()
         for h in range(hq):
             density[h, c] = fast_density(index.select_heads([h]))
     return LayerScore(mass, density)
@@ -249,3 +287,80 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
     chosen_mass = mass[li, hi_, pick]  # [L, H, N]
     chosen_density = density[li, hi_, pick]
     return Choice(pick, float(chosen_mass.mean()), [float(v) for v in chosen_density.mean((0, 1))], res.message)
+
+
+# ------------------------------------------------------------------ candidates
+def default_candidates(max_len: int, sink: int = 64) -> list[PatternModel]:
+    """The search space, scaled to the longest calibration length ``max_len``.
+
+    Windows and budgets are fractions of ``max_len`` (a 2K profile tries windows of 128..1024),
+    so the same call serves an 8K or 32K profile. Dense is always a candidate: a head that loses
+    too much under every sparse pattern stays dense, and so may whole layers.
+    """
+    from .a_shape import AShape
+    from .block_sparse import BlockSparse
+    from .dense import Dense
+    from .elastic_window import ElasticWindow
+    from .strided import Strided
+    from .vertical_slash import VerticalSlash
+
+    def r64(x: float) -> int:
+        return max(64, int(round(x / 64)) * 64)
+
+    blocks = max(1, max_len // 64)
+    out: list[PatternModel] = [Dense()]
+    out += [AShape(sink=sink, window=r64(max_len * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)]
+    # vertical budgets grow with length; the forced local diagonals stay near one block (their
+    # windows already cover a block each), so most of the budget goes to columns
+    out += [VerticalSlash(vertical=r64(max_len * f), slash=s, local_diagonals=min(s, 100))
+            for f, s in ((1 / 32, 64), (1 / 16, 100), (1 / 8, 128))]
+    out += [BlockSparse(top_k=max(2, blocks // d)) for d in (8, 4)]
+    out += [Strided(local_blocks=lb, vert_stride=vs) for lb, vs in ((2, 8), (4, 8), (2, 4))]
+    out += [ElasticWindow(sink=sink, alpha=a, beta=b) for a in (0, r64(max_len / 8)) for b in (0.125, 0.25)]
+    return list(dict.fromkeys(out))  # small lengths can make two budgets equal
+
+
+# ---------------------------------------------------------------------- decode
+DECODE_MODES = ("auto", "tidal", "matched", "dense")
+
+
+def default_select_layers(num_layers: int, first: int = 2, selections: int = 4) -> list[int]:
+    """TidalDecode selection layers: ``first`` (layers before it decode densely), then re-selections
+    spread evenly over the rest. The paper re-selects once on a 32-layer Llama-3-8B; a 135M model
+    drifts faster between layers (SmolLM2 lost passkeys with 2 selections at top-128, kept them
+    with 4), hence 4 by default."""
+    if num_layers <= first:
+        return []
+    step = max(1, -(-(num_layers - first) // max(1, selections)))
+    return list(range(first, num_layers, step))
+
+
+def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], mode: str = "auto",
+               top_k: int | None = None) -> PatternModel:
+    """The decode spec of one head, given its prefill spec and the TidalDecode schedule.
+
+    * window-like prefill (``a_shape``, ``elastic_window``, ``strided``) keeps the same span in
+      decode (``auto``/``matched``): the profile measured that span on the answer rows;
+    * other heads follow TidalDecode (``auto``/``tidal``): dense before the first selection
+      layer, ``select`` on selection layers (every head of such a layer selects, so a later
+      ``reuse`` always has a pick), ``reuse`` elsewhere; ``matched`` keeps them dense.
+    """
+    from .dense import Dense
+    from .tidal import Tidal
+    from .window import Window
+
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
+    if mode == "dense":
+        return Dense()
+    tidal_on = mode in ("auto", "tidal") and bool(select_layers)
+    if tidal_on and layer in select_layers:
+        return Tidal(role="select", top_k=top_k)
+    if mode in ("auto", "matched"):
+        if prefill.type == "a_shape":
+            return Window(sink=prefill.sink, window=prefill.window)
+        if prefill.type in ("elastic_window", "strided"):
+            return prefill
+    if tidal_on and layer > min(select_layers):
+        return Tidal(role="reuse", top_k=top_k)
+    return Dense()

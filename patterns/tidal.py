@@ -26,6 +26,8 @@ class Tidal(PatternModel):
     type: Literal["tidal"] = "tidal"
     role: Literal["select", "reuse"] = Field("reuse", description="select: attend densely and pick; reuse: read the pick")
     top_k: int | None = Field(None, ge=1, description="tokens kept per head by a select layer; default settings.tidal_top_k")
+    window: int = Field(0, ge=0, description="select layers: most recent tokens always kept (within top_k); "
+                        "0 = the paper's pure top-k")
 
 
 class TidalState:
@@ -66,17 +68,18 @@ class TidalState:
         return self.positions[:batch, heads], self.counts[:batch, heads]
 
 
-def choose(q: torch.Tensor, inp: DecodeInputs, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``top_k`` cached positions per (request, head) by ``q . k``; the current token forced in.
+def choose(q: torch.Tensor, inp: DecodeInputs, top_k: int, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_k`` cached positions per (request, head) by ``q . k``; the current token (and the
+    last ``window`` tokens) forced in.
 
     Returns sorted positions ``[B, H, min(top_k, max_len)]`` (padded past ``counts``) and counts ``[B, H]``.
     """
     scores = estimate.decode_scores(q, inp.k_cache, inp.block_table, inp.seq_lens, inp.kv_heads, inp.scale)
     lens = inp.seq_lens.to(scores.device).long()
     pos = torch.arange(scores.shape[-1], device=scores.device).view(1, 1, -1)
-    current = pos == (lens - 1).view(-1, 1, 1)
-    keep, count = estimate.topk_forced(scores, top_k, forced=current, allowed=pos < lens.view(-1, 1, 1))
-    idx, count = torch.sort(torch.where(keep, pos, 2**31 - 1), dim=-1)[0], count
+    recent = pos >= (lens - max(1, min(window, top_k))).view(-1, 1, 1)  # the current token at least
+    keep, count = estimate.topk_forced(scores, top_k, forced=recent, allowed=pos < lens.view(-1, 1, 1))
+    idx = torch.sort(torch.where(keep, pos, 2**31 - 1), dim=-1).values  # kept positions first, ascending
     width = max(1, min(top_k, scores.shape[-1]))
     idx = idx[..., :width]
     return torch.where(torch.arange(width, device=idx.device) < count[..., None], idx, 0), count
@@ -92,7 +95,7 @@ def select_decode(p: Tidal, inp: DecodeInputs, state: TidalState | None, local_h
     if p.role == "select":
         if inp.q is None or inp.k_cache is None:
             raise ValueError("tidal select needs q and the paged k_cache")
-        positions, counts = choose(inp.q, inp, min(p.top_k or default_top_k, state.top_k))
+        positions, counts = choose(inp.q, inp, min(p.top_k or default_top_k, state.top_k), p.window)
         state.write(b, local_heads, positions, counts)
         return DecodeSelection.uniform(b, h, DecodeMode.DENSE, device=dev)
     positions, counts = state.read(b, local_heads)

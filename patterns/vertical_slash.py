@@ -22,7 +22,7 @@ from headwise.kernels import estimate
 from headwise.kernels.index import SparseIndex
 
 from .base import DensityContext, PatternModel, PrefillInputs
-from .ranges import block_bounds, compact, drop_covered, make_index, merge_intervals
+from .ranges import block_bounds, cat_blocks, compact, drop_covered, make_index, merge_intervals
 
 
 class VerticalSlash(PatternModel):
@@ -46,12 +46,27 @@ def select(p: VerticalSlash, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.T
     vert, slash = estimate.vertical_slash_scores(q[tq - n_probe:], k, kv_heads, q_pos, scale)  # [H, S] each
     pos = torch.arange(s, device=q.device)
     col_keep, _ = estimate.topk_forced(vert, p.vertical, forced=pos < p.sink_columns)
-    # offsets beyond the last query position cannot hold any pair: never spend budget on them
-    diag_keep, _ = estimate.topk_forced(slash, p.slash, forced=pos < p.local_diagonals,
-                                        allowed=pos < q_offset + tq)
+    # every offset 0..S-1 occurs (the last probe sits at S-1), so all diagonals are candidates
+    diag_keep, _ = estimate.topk_forced(slash, p.slash, forced=pos < p.local_diagonals)
     cols, n_cols = compact(pos.expand_as(col_keep), col_keep)
     neg_offs, n_diag = compact(-pos.expand_as(diag_keep), diag_keep)  # ascending -o = descending o
     return cols, n_cols, -neg_offs, n_diag
+
+
+_CHUNK_ITEMS = 1 << 22  # (head, block, diagonal) triples per pass: bounds memory at long lengths
+
+
+def _blocks(cols, n_cols, offs, n_diag, bs, be, block_m: int):
+    """Ranges and columns of the query blocks ``[bs, be)`` (each ``[NQB']``)."""
+    dev = cols.device
+    d_live = (torch.arange(offs.shape[1], device=dev) < n_diag[:, None])[:, None, :]  # [H, 1, Sd]
+    ends = be.view(1, -1, 1) - offs[:, None, :]  # [H, NQB', Sd], ascending along Sd
+    starts = (ends - block_m).clamp(min=0)
+    rs, re, rc = merge_intervals(starts, ends, d_live & (ends > 0))
+    c_live = (torch.arange(cols.shape[1], device=dev) < n_cols[:, None])[:, None, :]
+    cols_b = cols[:, None, :].expand(-1, bs.shape[0], -1)
+    c_cols, cc = drop_covered(cols_b, c_live & (cols_b < be.view(1, -1, 1)), rs, re, rc)
+    return rs, re, rc, c_cols, cc
 
 
 def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, block_m: int) -> SparseIndex:
@@ -61,14 +76,10 @@ def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, 
     v_w = max(1, int(n_cols.max().item()))
     d_w = max(1, int(n_diag.max().item()))
     cols, offs = cols[:, :v_w], offs[:, :d_w]
-    d_live = (torch.arange(d_w, device=dev) < n_diag[:, None])[:, None, :]  # [H, 1, Sd]
-    ends = be.view(1, -1, 1) - offs[:, None, :]  # [H, NQB, Sd], ascending along Sd
-    starts = (ends - block_m).clamp(min=0)
-    rs, re, rc = merge_intervals(starts, ends, d_live & (ends > 0))
-    c_live = (torch.arange(v_w, device=dev) < n_cols[:, None])[:, None, :]
-    cols_b = cols[:, None, :].expand(-1, bs.shape[0], -1)
-    c_cols, cc = drop_covered(cols_b, c_live & (cols_b < be.view(1, -1, 1)), rs, re, rc)
-    return make_index(rs, re, rc, c_cols, cc, q_len, q_offset, block_m)
+    per = max(1, _CHUNK_ITEMS // max(1, cols.shape[0] * max(d_w, v_w)))
+    parts = [_blocks(cols, n_cols, offs, n_diag, bs[i:i + per], be[i:i + per], block_m)
+             for i in range(0, bs.shape[0], per)]
+    return make_index(*cat_blocks(parts), q_len, q_offset, block_m)
 
 
 def build_prefill(p: VerticalSlash, inp: PrefillInputs) -> SparseIndex:

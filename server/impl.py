@@ -26,7 +26,8 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from headwise import kernels
 from headwise.kernels.decode import selected_counts
-from headwise.patterns.decode import build_layer_decode_selection
+from headwise.kernels.index import SparseIndex
+from headwise.patterns.decode import build_layer_decode_selection, select_heads
 from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 
@@ -47,6 +48,26 @@ KERNELS: dict[str, Any] = {
 def _causal_pairs(q_offset: int, q_len: int) -> int:
     """(query, key) pairs of dense causal attention for queries at ``q_offset .. q_offset+q_len-1``."""
     return q_len * q_offset + q_len * (q_len + 1) // 2
+
+
+def dense_prefix(index: SparseIndex, dense_below: int) -> SparseIndex:
+    """``index`` with every query block that ends at or below ``dense_below`` made dense.
+
+    ``dense_below`` is per query position: the first ``dense_below`` tokens of every request attend
+    densely however the prompt is chunked (whole chunks below it get a dense index from the
+    builder; this handles the chunk that straddles it). A new index: the input may be shared.
+    """
+    ends = torch.clamp((torch.arange(index.num_q_blocks, device=index.device) + 1) * index.block_m,
+                       max=index.q_len) + index.q_offset  # [NQB] one past each block's last query
+    full = (ends <= dense_below).view(1, -1)  # [1, NQB]
+    if not bool(full.any()):
+        return index
+    rs, re = index.range_start.clone(), index.range_end.clone()
+    rs[..., 0] = torch.where(full, 0, rs[..., 0])
+    re[..., 0] = torch.where(full, ends.to(re.dtype).view(1, -1), re[..., 0])
+    rc = torch.where(full, 1, index.range_count)
+    cc = torch.where(full, 0, index.column_count)
+    return SparseIndex(rs, re, rc, index.columns, cc, index.q_len, index.q_offset, index.block_m)
 
 
 class HeadwiseImpl(AttentionImpl):
@@ -122,12 +143,15 @@ class HeadwiseImpl(AttentionImpl):
             md.decode_seq_lens, md.decode_total_lens, lb.kv_heads.to(q.device), scale=self.scale,
             num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=md.tidal,
             tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
+        if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
+            sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
         out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
                                        scale=self.scale)
         output[md.decode_tokens] = out
         rec = get_recorder()
         if rec is not None:
             kept = selected_counts(sel, md.decode_seq_lens).sum()
+            kept = kept * (len(lb.heads) // sel.num_heads)  # a shared row serves its whole group
             causal = md.decode_seq_lens.long().sum() * len(lb.heads)
             if q.device.type == "cpu":
                 rec.add_keys(lb.layer, DECODE, int(kept), int(causal))
@@ -147,6 +171,13 @@ class HeadwiseImpl(AttentionImpl):
             row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
             num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below, scale=self.scale,
             cache=md.step_cache)
+        if not row.dense and row.q_offset < md.dense_below:
+            # the chunk straddles dense_below: its query blocks below the threshold attend densely,
+            # as they would in any other chunking of the same prompt
+            key = ("dense_prefix", id(index))
+            if key not in md.step_cache:
+                md.step_cache[key] = dense_prefix(index, md.dense_below)
+            index = md.step_cache[key]
         out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
         output[row.start:row.end] = out
         rec = get_recorder()

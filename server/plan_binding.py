@@ -110,6 +110,20 @@ class LayerBinding:
         return all(s.type == "dense" for s in self.decode_specs)
 
     @cached_property
+    def decode_group_heads(self) -> torch.Tensor | None:
+        """One local head per KV group when every head of each group selects the same tokens, else
+        None. The decode kernel then gathers each selected K/V row once per group, not per head.
+        Per-head dynamic selections (Quest pages, a TidalDecode reuse of per-head picks) differ."""
+        group = len(self.heads) // int(self.kv_heads.max().item() + 1)
+        for g in range(0, len(self.heads), group):
+            specs = self.decode_specs[g:g + group]
+            if any(s != specs[0] for s in specs):
+                return None
+            if specs[0].type == "page_topk" or (specs[0].type == "tidal" and specs[0].role == "reuse"):
+                return None
+        return torch.arange(0, len(self.heads), group)
+
+    @cached_property
     def tidal_select(self) -> bool:
         return any(s.type == "tidal" and s.role == "select" for s in self.decode_specs)
 

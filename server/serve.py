@@ -58,24 +58,35 @@ def _say(message: str) -> None:
 
 
 # ------------------------------------------------------------------------ vLLM's parser
-def vllm_serve_parser(prog: str = "headwise") -> argparse.ArgumentParser:
-    """vLLM's ``serve`` argument parser (the same flags as ``vllm serve``), under ``prog``."""
+def vllm_serve_parser(prog: str = "headwise", raise_errors: bool = False) -> argparse.ArgumentParser:
+    """vLLM's ``serve`` argument parser (the same flags as ``vllm serve``), under ``prog``.
+
+    ``raise_errors``: a bad argument raises ``ServeError`` with argparse's message instead of
+    printing usage and exiting, so that the caller can say it in headwise's words.
+    """
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="subparser")
-    ServeSubcommand().subparser_init(sub)
+    serve_parser = ServeSubcommand().subparser_init(sub)
+    if raise_errors:
+        for p in (parser, serve_parser):
+            p.error = _raise_serve_error
     return parser
 
 
+def _raise_serve_error(message: str):
+    if message.startswith("unrecognized arguments"):
+        message = (f"{message} (neither `headwise serve` nor `vllm serve` flags; "
+                   "see `headwise serve --help` and `headwise serve --vllm-help`)")
+    raise ServeError(message)
+
+
 def parse_vllm_args(argv: list[str]) -> argparse.Namespace:
-    """Parse a ``vllm serve`` argv (without the leading ``serve``) exactly as vLLM would."""
-    args, unknown = vllm_serve_parser().parse_known_args(["serve", *argv])
-    if unknown:
-        raise ServeError(f"unrecognized arguments (neither `headwise serve` nor `vllm serve` flags): "
-                         f"{' '.join(unknown)}; see `headwise serve --help` and `--vllm-help`")
-    return args
+    """Parse a ``vllm serve`` argv (without the leading ``serve``) exactly as vLLM would
+    (its ``parse_args`` also rewrites shorthands such as ``-O3``); errors raise ``ServeError``."""
+    return vllm_serve_parser(raise_errors=True).parse_args(["serve", *argv])
 
 
 # ------------------------------------------------------------------------ the launch
@@ -196,9 +207,7 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
         _check_model_arg(model)
     model_path = resolve_model(model)
     on_cpu = _on_cpu() if on_cpu is None else on_cpu
-    user = parse_vllm_args(extra)
-    if getattr(user, "model_tag", None):
-        raise ServeError(f"unexpected positional argument {user.model_tag!r}; give the model as --model")
+    user = parse_vllm_args([model_path, *extra])  # a stray positional in `extra` is then unrecognized
 
     argv = [model_path]  # vLLM's positional model argument (its --model flag is deprecated)
     defaults: list[str] = []

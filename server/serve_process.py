@@ -30,6 +30,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs in process group ``pgid`` that are not zombies (an exited child that the init process
+    has not reaped yet still answers ``killpg(pgid, 0)`` but holds no memory and runs nothing)."""
+    import psutil
+
+    members = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
 class ServerProcess:
     """``headwise serve ARGS --host HOST --port PORT`` in its own process group, output to a log file.
 
@@ -95,15 +110,7 @@ class ServerProcess:
 
     def group_alive(self) -> bool:
         """Whether any process of the server's process group is still running."""
-        if self.proc is None:
-            return False
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return self.proc is not None and bool(live_group_members(self.proc.pid))
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace_s``."""

@@ -49,12 +49,19 @@ class Req:
 
 
 class Step:
-    def __init__(self, reqs: list[Req], seed: int = 0, flag_prefilling: bool = True):
+    def __init__(self, reqs: list[Req], seed: int = 0, flag_prefilling: bool = True,
+                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 block_table: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None):
+        """``block_table`` + ``kv_cache`` given: a later step of the same requests, whose context
+        is already in that cache (written by the earlier steps)."""
         g = torch.Generator().manual_seed(seed)
         self.reqs = reqs
         b = len(reqs)
-        self.k = [torch.randn(r.seq_len, HKV, D, generator=g) for r in reqs]  # every position's K/V
-        self.v = [torch.randn(r.seq_len, HKV, D, generator=g) for r in reqs]
+        # every position's K/V ([seq_len, HKV, D] each); given, when steps must share a request's keys
+        self.k = [x[: r.seq_len] for (x, _), r in zip(kv, reqs)] if kv else \
+            [torch.randn(r.seq_len, HKV, D, generator=g) for r in reqs]
+        self.v = [y[: r.seq_len] for (_, y), r in zip(kv, reqs)] if kv else \
+            [torch.randn(r.seq_len, HKV, D, generator=g) for r in reqs]
         q_lens = torch.tensor([r.q_len for r in reqs])
         self.qsl = torch.zeros(b + 1, dtype=torch.int32)
         self.qsl[1:] = torch.cumsum(q_lens, 0)
@@ -65,11 +72,16 @@ class Step:
         perm = torch.randperm(num_blocks, generator=g)
         self.block_table = perm[: b * max_blocks].view(b, max_blocks).to(torch.int32)
         self.kv_cache = torch.zeros(num_blocks, HKV, BS, 2 * D)
+        carried = block_table is not None
+        if carried:
+            self.block_table, self.kv_cache = block_table, kv_cache
         slots = []
         for i, r in enumerate(reqs):
             for p in range(r.seq_len):
                 blk, off = int(self.block_table[i, p // BS]), p % BS
                 if p < r.context:  # cached by earlier steps
+                    if carried:
+                        continue
                     self.kv_cache[blk, :, off, :D] = self.k[i][p]
                     self.kv_cache[blk, :, off, D:] = self.v[i][p]
                 else:

@@ -105,6 +105,15 @@ def test_tidal_select_picks_the_top_scores_and_reuse_reads_them(lens, top_k, see
             assert torch.equal(reuse.indices[r, h, :c], state.positions[r, h, :c])
 
 
+def test_tidal_window_keeps_the_recent_tokens_within_the_budget():
+    state = TidalState(max_batch=2, num_heads=4, top_k=16)
+    select([Tidal(role="select", top_k=16, window=5)] * 4, [100, 3], state)
+    for h in range(4):
+        picked = state.positions[0, h, : state.counts[0, h]].tolist()
+        assert len(picked) == 16 and set(range(95, 100)) <= set(picked)
+        assert state.positions[1, h, : state.counts[1, h]].tolist() == [0, 1, 2]
+
+
 def test_tidal_state_refuses_a_batch_larger_than_its_buffer():
     state = TidalState(max_batch=1, num_heads=4, top_k=8)
     with pytest.raises(ValueError, match="does not fit the buffer allocated for 1"):

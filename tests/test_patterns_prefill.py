@@ -250,3 +250,14 @@ def test_dynamic_expected_density_bounds_the_achieved_one():
         idx = mod.build_prefill(spec, inputs(700, 0, 3, 3, seed=5))
         assert idx.density() <= bound(spec, 700, ctx) + 1e-9, spec.type
         assert mod.expected_density(spec, 700, ctx) <= bound(spec, 700, ctx) + 1e-9
+
+
+def test_vertical_slash_in_block_chunks_equals_one_pass(monkeypatch):
+    """Long prompts are laid out a few query blocks at a time; the result must not depend on it."""
+    spec = vertical_slash.VerticalSlash(vertical=30, slash=25, local_diagonals=6)
+    inp = inputs(600, 70, 3, 1, seed=9)
+    whole = vertical_slash.build_prefill(spec, inp)
+    monkeypatch.setattr(vertical_slash, "_CHUNK_ITEMS", 50)  # one query block per pass
+    chunked = vertical_slash.build_prefill(spec, inp)
+    chunked.check()
+    assert torch.equal(chunked.to_dense_mask(), whole.to_dense_mask())

@@ -115,15 +115,17 @@ def test_sparse_rows_and_dense_fallback(tmp_path, fakes):
     out = run_layer(impls[1], 1, step, md, query)
 
     sel = fakes.calls[0][1]["selection"]
-    assert sel.mode[0].tolist() == [DecodeMode.DENSE] * HQ  # 31 tokens < dense_below
-    assert sel.mode[1].tolist() == [DecodeMode.WINDOW] * HQ
+    # one window spec for all heads: a GQA group shares one selection row (KV-head axis)
+    assert sel.num_heads == HKV
+    assert sel.mode[0].tolist() == [DecodeMode.DENSE] * HKV  # 31 tokens < dense_below
+    assert sel.mode[1].tolist() == [DecodeMode.WINDOW] * HKV
     short, long = fakes.calls[1][1]["index"], fakes.calls[2][1]["index"]
     assert torch.equal(short.to_dense_mask(), step.causal(2))  # 40 < dense_below: dense
     want = a_shape.build_prefill(a_shape.AShape(sink=8, window=32),
                                  PrefillInputs(heads=list(range(HQ)), num_layer_heads=HQ, q_offset=0, q_len=200,
                                                total_len=200))
     assert torch.equal(long.to_dense_mask(), want.to_dense_mask()) and long.density() < 0.6
-    dec_mask = sel.to_dense_mask(step.seq_lens[:2])
+    dec_mask = sel.to_dense_mask(step.seq_lens[:2]).repeat_interleave(HQ // HKV, dim=1)
     for i, mask in [(0, dec_mask[0, :, None, :31]), (1, dec_mask[1, :, None, :150]),
                     (2, short.to_dense_mask()), (3, long.to_dense_mask())]:
         torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, mask), atol=ATOL, rtol=0)

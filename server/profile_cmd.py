@@ -1,0 +1,237 @@
+"""``headwise profile``: measure every head of a model on calibration prompts and write a Plan.
+
+    headwise profile --model M --out PLAN.json [--lengths 1024,2048] [--prompts 4]
+                     [--density-budget 0.3] [--seed 0]
+
+The model runs in Hugging Face transformers with the headwise attention in capture mode: dense
+attention through the headwise kernels, and each layer's q/k handed to ``score_layer`` as the
+forward passes, so nothing is kept between layers. Calibration prompts are the retrieval tasks
+of ``headwise.server.tasks`` with the expected answer appended as the assistant's reply, so the
+last rows scored are the rows that must find the needle. ``choose_patterns`` (a MILP) then picks
+one prefill pattern per head under the density budget, decode patterns follow the rules in
+``patterns.profile.decode_for``, and the Plan is written atomically with its provenance in
+``description``. Progress goes to stderr; the same code runs on a GPU (``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+_TASKS = ("passkey", "kv_retrieval", "variable_tracking")
+
+
+@dataclass
+class ProfileConfig:
+    model: str | None = None
+    lengths: tuple[int, ...] = (1024, 2048)
+    prompts: int = 4  # per length
+    density_budget: float = 0.3
+    seed: int = 0
+    tasks: tuple[str, ...] = _TASKS
+    sample_blocks: int = 4  # query blocks of 64 scored per prompt
+    max_per_layer: int | None = 3  # distinct prefill patterns per layer (None: no limit)
+    per_length: bool = False  # budget at every length instead of on the mean over lengths
+    dense_below: int | None = None  # default: the shortest calibration length
+    decode: str = "auto"
+    tidal_top_k: int = 256
+    select_layers: tuple[int, ...] | None = None  # default: patterns.profile.default_select_layers
+    planned_generation: int = 256
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    num_layers: int | None = None  # profile only the first N layers (tests); the plan still covers all
+
+
+def _log(msg: str) -> None:
+    print(f"[headwise profile] {msg}", file=sys.stderr, flush=True)
+
+
+def calibration_ids(tokenizer, length: int, index: int, cfg: ProfileConfig):
+    """Token ids ``[1, T]`` of one calibration prompt: chat-formatted task + its answer as reply."""
+    from .tasks import make_task
+
+    name = cfg.tasks[index % len(cfg.tasks)]
+    seed = cfg.seed * 1000 + index
+    msgs = [{"role": "user", "content": "x"}]
+    overhead = len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) + 16
+    task = make_task(name, tokenizer, max(64, length - overhead), seed=seed)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt},
+                                          {"role": "assistant", "content": f"The answer is {task.answer}."}],
+                                         tokenize=False)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids, name
+
+
+def run_profile(cfg: ProfileConfig):
+    """Profile ``cfg.model`` and return ``(plan, report)``; ``report`` is a dict of figures."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headwise.patterns.plan import ModelGeometry, Plan, Settings
+    from headwise.patterns.profile import (ProfileScores, choose_patterns, decode_for, default_candidates,
+                                           default_select_layers, describe, score_layer)
+
+    from . import hf
+    from .model import read_geometry, resolve_model
+
+    started = time.monotonic()
+    path = resolve_model(cfg.model)
+    geo = read_geometry(path)
+    n_layers, n_heads, n_kv = geo["num_layers"], geo["num_heads"], geo["num_kv_heads"]
+    scored_layers = min(n_layers, cfg.num_layers or n_layers)
+    lengths = sorted(set(cfg.lengths))
+    dense_below = min(lengths) if cfg.dense_below is None else cfg.dense_below
+    if any(n < dense_below for n in lengths):
+        _log(f"warning: lengths {[n for n in lengths if n < dense_below]} are below dense_below={dense_below}; "
+             "they run dense whatever the plan says, and count as density 1.0")
+    candidates = default_candidates(max(lengths))
+    _log(f"model {path}: {n_layers} layers x {n_heads} heads ({n_kv} KV heads); {len(candidates)} candidates; "
+         f"lengths {lengths}; {cfg.prompts} prompts per length")
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), attn_implementation=hf.ATTN_NAME)
+    model.to(cfg.device).eval()
+    if scored_layers < n_layers:  # tests: a truncated model scores its first layers only
+        model.model.layers = model.model.layers[:scored_layers]
+        model.config.num_hidden_layers = scored_layers
+    scores = ProfileScores(scored_layers, n_heads, candidates, lengths)
+    current = {"li": 0}
+
+    def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        # q: [S, Hq, D], k: [S, Hkv, D] of one prompt, RoPE applied
+        s = q.shape[0]
+        score = score_layer(q, k, candidates, layer_heads=n_heads, layer_kv_heads=n_kv,
+                            n_blocks=cfg.sample_blocks, total_len=s + cfg.planned_generation)
+        scores.add(layer, current["li"], score)
+
+    hf.attach_plan(model, None, capture=capture)
+    prompt_tokens: dict[int, list[int]] = {n: [] for n in lengths}
+    for li, length in enumerate(lengths):
+        current["li"] = li
+        for p in range(cfg.prompts):
+            ids, task = calibration_ids(tokenizer, length, p, cfg)
+            t0 = time.monotonic()
+            with torch.no_grad():
+                model(ids.to(cfg.device), use_cache=False, logits_to_keep=1)
+            prompt_tokens[length].append(int(ids.shape[1]))
+            _log(f"length {length} prompt {p + 1}/{cfg.prompts} ({task}, {ids.shape[1]} tokens): "
+                 f"{scored_layers} layers scored in {time.monotonic() - t0:.1f}s "
+                 f"(elapsed {time.monotonic() - started:.0f}s)")
+
+    mass, density = scores.mass(), scores.density()  # [L, H, C, N]
+    for li, n in enumerate(lengths):
+        if n < dense_below:
+            density[..., li] = 1.0
+    t0 = time.monotonic()
+    choice = choose_patterns(mass, density, cfg.density_budget, per_length=cfg.per_length,
+                             max_per_layer=cfg.max_per_layer)
+    _log(f"MILP: {choice.status} in {time.monotonic() - t0:.1f}s; kept mass {choice.kept_mass:.4f}; density "
+         + ", ".join(f"{n}: {d:.3f}" for n, d in zip(lengths, choice.density)))
+
+    select = list(cfg.select_layers) if cfg.select_layers is not None else default_select_layers(n_layers)
+    prefill = [[candidates[choice.pick[l, h]] if l < scored_layers else candidates[0] for h in range(n_heads)]
+               for l in range(n_layers)]
+    decode = [[decode_for(prefill[l][h], l, select, cfg.decode, None) for h in range(n_heads)]
+              for l in range(n_layers)]
+    counts: dict[str, int] = {}
+    for row in prefill:
+        for spec in row:
+            counts[spec.type] = counts.get(spec.type, 0) + 1
+    report = {
+        "model": geo.get("architecture"), "model_path": path, "lengths": lengths, "prompts": cfg.prompts,
+        "prompt_tokens": prompt_tokens, "tasks": list(cfg.tasks), "seed": cfg.seed,
+        "density_budget": cfg.density_budget, "kept_mass": round(choice.kept_mass, 5),
+        "measured_density": {str(n): round(d, 4) for n, d in zip(lengths, choice.density)},
+        "patterns": counts, "select_layers": select, "decode": cfg.decode, "milp": choice.status,
+        "candidates": [describe(c) for c in candidates], "scored_layers": scored_layers,
+        "seconds": round(time.monotonic() - started, 1),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mean_mass_dense_vs_chosen": float(np.mean(mass[..., 0, :])),
+    }
+    description = ("profiled by `headwise profile`: " + "; ".join(
+        f"{k}={report[k]}" for k in ("model", "lengths", "prompts", "tasks", "seed", "density_budget",
+                                     "measured_density", "kept_mass", "select_layers", "decode", "created")))
+    geometry = ModelGeometry(name=Path(path).name, **{k: geo[k] for k in
+                                                      ("architecture", "num_layers", "num_heads", "num_kv_heads",
+                                                       "head_dim")})
+    settings = Settings(dense_below=dense_below, tidal_top_k=cfg.tidal_top_k,
+                        planned_generation=cfg.planned_generation)
+    plan = Plan.from_tables(geometry, prefill, decode, settings, description=description)
+    return plan, report
+
+
+# ------------------------------------------------------------------------------- CLI
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1024,2048, found {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = ProfileConfig()
+    p = subparsers.add_parser("profile", help="measure each head on calibration prompts and write a Plan (JSON)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF checkpoint dir or hub id (default: the embedded SmolLM2)")
+    p.add_argument("--out", required=True, type=Path, help="plan file to write (atomically)")
+    p.add_argument("--lengths", type=_int_list, default=d.lengths, help="calibration lengths in tokens (default 1024,2048)")
+    p.add_argument("--prompts", type=int, default=d.prompts, help="calibration prompts per length (default 4)")
+    p.add_argument("--density-budget", type=float, default=d.density_budget,
+                   help="mean prefill density over heads and lengths (default 0.3)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration prompts")
+    p.add_argument("--tasks", default=",".join(d.tasks), help=f"calibration tasks (default {','.join(d.tasks)})")
+    p.add_argument("--sample-blocks", type=int, default=d.sample_blocks, help="64-query blocks scored per prompt")
+    p.add_argument("--max-per-layer", type=int, default=d.max_per_layer,
+                   help="distinct prefill patterns per layer (0: no limit; default 3)")
+    p.add_argument("--per-length", action="store_true", help="hold the budget at every length, not on the mean")
+    p.add_argument("--dense-below", type=int, default=None, help="plan's dense_below (default: shortest length)")
+    p.add_argument("--decode", choices=("auto", "tidal", "matched", "dense"), default=d.decode,
+                   help="decode rule: auto = windows keep their span, others TidalDecode (default)")
+    p.add_argument("--tidal-top-k", type=int, default=d.tidal_top_k, help="TidalDecode tokens per head (default 256)")
+    p.add_argument("--select-layers", type=_int_list, default=None, help="TidalDecode selection layers (default 2 + 3 spread)")
+    p.add_argument("--planned-generation", type=int, default=d.planned_generation, help="tokens assumed generated (MoA spans)")
+    p.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--device", default=d.device, help="torch device (cpu, cuda)")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from headwise.patterns.plan_errors import PlanError
+
+    from .model import ModelError
+    from .tasks import TASKS
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        print(f"headwise profile: --tasks {args.tasks!r}: expected names from {sorted(TASKS)}", file=sys.stderr)
+        return 2
+    if not 0 < args.density_budget <= 1:
+        print(f"headwise profile: --density-budget must be in (0, 1], found {args.density_budget}", file=sys.stderr)
+        return 2
+    if args.prompts < 1:
+        print(f"headwise profile: --prompts must be at least 1, found {args.prompts}", file=sys.stderr)
+        return 2
+    cfg = ProfileConfig(model=args.model, lengths=args.lengths, prompts=args.prompts,
+                        density_budget=args.density_budget, seed=args.seed, tasks=tasks,
+                        sample_blocks=args.sample_blocks, max_per_layer=args.max_per_layer or None,
+                        per_length=args.per_length, dense_below=args.dense_below, decode=args.decode,
+                        tidal_top_k=args.tidal_top_k, select_layers=args.select_layers,
+                        planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
+    try:
+        plan, report = run_profile(cfg)
+    except (ModelError, PlanError, ValueError) as exc:
+        print(f"headwise profile: {exc}", file=sys.stderr)
+        return 1
+    plan.save(args.out)
+    _log(f"wrote {args.out}: patterns {report['patterns']}; measured density {report['measured_density']}; "
+         f"kept mass {report['kept_mass']}; {report['seconds']}s")
+    print(args.out)
+    return 0
