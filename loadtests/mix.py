@@ -28,9 +28,9 @@ def parse_length_mix(text: str) -> list[tuple[int, float]]:
 class LengthSchedule:
     """Deterministic weighted round robin (smooth: the most under-served length goes next).
 
-    After n picks each length has been chosen about ``n * weight / total`` times (never more than
-    a request or two off), so a short run still sees the configured mix, and the same mix gives the
-    same order every run.
+    After n picks each length has been chosen ``n * weight / total`` times to within one request
+    (checked in the tests), so a short run still sees the configured mix, and the same mix gives
+    the same order every run.
     """
 
     def __init__(self, mix: list[tuple[int, float]]):

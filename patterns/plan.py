@@ -195,11 +195,21 @@ class Plan(_Strict):
         """Per layer: the patterns its heads use and the expected densities at ``length`` tokens."""
         ctx = self.density_context()
         dense = length < self.settings.dense_below
+        # a tidal 'reuse' layer reads as many positions as the last 'select' layer of its head chose
+        picked = [self.settings.tidal_top_k] * self.model.num_heads
         rows = []
         for layer in range(self.model.num_layers):
             pre, dec = self._prefill[layer], self._decode[layer]
+            dec_eff = []
+            for h, s in enumerate(dec):
+                if isinstance(s, Tidal):
+                    if s.role == "select":
+                        picked[h] = s.top_k or self.settings.tidal_top_k
+                    else:
+                        s = Tidal(role="reuse", top_k=picked[h])
+                dec_eff.append(s)
             pd = 1.0 if dense else sum(_prefill_density(s, length, ctx) for s in pre) / len(pre)
-            dd = 1.0 if dense else sum(_decode_density(s, length, ctx) for s in dec) / len(dec)
+            dd = 1.0 if dense else sum(_decode_density(s, length, ctx) for s in dec_eff) / len(dec)
             rows.append(LayerSummary(layer, _describe(pre), _describe(dec), pd, dd))
         return rows
 
@@ -293,6 +303,7 @@ def _describe(specs: list[Any]) -> str:
     """``"vertical_slash x6, a_shape x3"``: pattern types of a layer's heads, most common first."""
     counts: dict[str, int] = {}
     for s in specs:
-        counts[s.type] = counts.get(s.type, 0) + 1
+        name = f"tidal {s.role}" if isinstance(s, Tidal) else s.type
+        counts[name] = counts.get(name, 0) + 1
     parts = sorted(counts.items(), key=lambda kv: -kv[1])
     return ", ".join(t if n == len(specs) else f"{t} x{n}" for t, n in parts)

@@ -99,12 +99,13 @@ def _density_for_keys(keys: float, length: int) -> float:
 def expected_density(p: VerticalSlash, length: int, ctx: DensityContext = DensityContext()) -> float:
     """Estimate assuming the kept diagonals form bands, as they do on real models.
 
-    A band of ``n`` adjacent diagonals costs ``n + block_m - 1`` keys per query block, so a query
-    keeps about ``slash + block_m + vertical`` keys. (MInference's published densities for
-    (1000, 6096) at 128K, 8-18%, agree with this.) ``worst_case_density`` is the bound when every
-    diagonal outside the forced local band stands alone.
+    A band of ``n`` adjacent diagonals gives the block a key window ``n + block_m - 1`` wide, of
+    which a query sees ``n`` plus its distance from the block's start: ``n + block_m / 2`` keys on
+    average. So a query keeps about ``slash + block_m / 2 + vertical`` keys. (MInference's published
+    densities for (1000, 6096) at 128K, 8-18%, agree with this.) ``worst_case_density`` is the
+    bound when every diagonal outside the forced local band stands alone.
     """
-    keys = max(p.slash, p.local_diagonals) + ctx.block_m + max(p.vertical, p.sink_columns)
+    keys = max(p.slash, p.local_diagonals) + ctx.block_m / 2 + max(p.vertical, p.sink_columns)
     return _density_for_keys(keys, length)
 
 

@@ -104,6 +104,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             rank=self.binding.tp_rank, tp_size=self.binding.tp_size, plan=self.binding.plan_path,
             device=str(torch.device(device).type))
         self._step = 0
+        _log_active(self.binding, self.block_size, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadwiseMetadata:
@@ -155,6 +156,15 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             decode_seq_lens=d_seq, decode_total_lens=d_seq + self.planned_generation,
             decode_block_table=d_table, decode_dense=decode_dense, prefill_rows=rows,
             tidal=self.tidal, step=self._step)
+
+
+def _log_active(binding: PlanBinding, block_size: int, device) -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.headwise").info(
+        "headwise: attention backend active: plan %s, rank %d/%d (query heads %d-%d), KV block size %d, "
+        "device %s", binding.plan_path, binding.tp_rank, binding.tp_size, binding.heads[0], binding.heads[-1],
+        block_size, device)
 
 
 def _stats_dir(vllm_config) -> str | None:
@@ -210,10 +220,6 @@ class HeadwiseCPUBackend(_HeadwiseBackend):
 
 class HeadwiseCUDABackend(_HeadwiseBackend):
     """Registered as ``CUSTOM``; selected with ``--attention-backend CUSTOM``."""
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return [64, 128]  # what the Triton kernels are built for
 
     @staticmethod
     def get_name() -> str:

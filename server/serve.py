@@ -144,6 +144,8 @@ def _validate_plan(plan: Path, model: str, tensor_parallel_size: int) -> None:
         validate_plan_for_model(str(plan), model, tensor_parallel_size=tensor_parallel_size)
     except (PlanError, ValueError) as exc:
         raise ServeError(f"plan {plan} cannot serve model {model}:\n{exc}") from exc
+    except (OSError, ModelError) as exc:  # a hub id that is not cached and cannot be fetched, a gated repo
+        raise ServeError(f"cannot read the configuration of model {model} to check plan {plan}: {exc}") from exc
 
 
 def _merge_headwise_flags(user: argparse.Namespace, plan: Path, stats_dir: str) -> list[str]:
@@ -229,6 +231,8 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
     owned = None
     plan_path = None
     if headwise:
+        # a plan given only through vLLM's --additional-config counts as --plan
+        plan = plan or ((user.additional_config or {}).get("headwise") or {}).get("plan")
         plan_path = _resolve_plan(plan, embedded)
         _validate_plan(plan_path, model_path, user.tensor_parallel_size)
         from headwise.server.plugin import PLUGIN_NAME, enable_env
@@ -236,7 +240,12 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
         stats_dir = os.environ.get("HEADWISE_STATS_DIR")
         if not stats_dir:
             stats_dir = owned = tempfile.mkdtemp(prefix="headwise-stats-")
-        argv += _merge_headwise_flags(user, plan_path, stats_dir)
+        try:
+            argv += _merge_headwise_flags(user, plan_path, stats_dir)
+        except ServeError:
+            if owned:
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
         env.update(enable_env(plan_path, stats_dir))
         allow = os.environ.get("VLLM_PLUGINS")
         if allow is not None and PLUGIN_NAME not in [p.strip() for p in allow.split(",")]:

@@ -20,12 +20,13 @@ from engine_util import ROOT
 pytestmark = pytest.mark.engine
 
 SMOL = {"architecture": "LlamaForCausalLM", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
+# Two engine starts (~30 s each): the geometry check against the model vLLM builds, and a file
+# that does not load. An unknown pattern fails in the same loader as corrupt JSON; it is covered
+# without an engine in test_plugin_registration.
 BAD = {
     "heads": ({"model": {**SMOL, "num_heads": 12, "num_kv_heads": 4}},
-              r"$.model.num_heads: expected 9 (num_heads of model"),
-    "pattern": ({"model": SMOL, "layers": {"4": {"prefill": {"type": "diagonal_magic"}}}},
-                "$.layers[4].prefill.type: expected a known pattern type"),
-    "json": ('{"model": {"num_layers": 30,,}', "expected valid JSON"),
+              "$.model.num_heads: expected 9 (num_heads of model"),
+    "json": ('{"model": {"num_layers": 30,,}', "$: expected valid JSON, found Expecting property name"),
 }
 
 CHILD = textwrap.dedent("""
@@ -63,17 +64,16 @@ def test_engine_refuses_bad_plans_and_leaves_nothing_running(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWISE_")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     proc = subprocess.Popen([sys.executable, str(script), *plans], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, err = proc.communicate(timeout=600)
+        out, _ = proc.communicate(timeout=600)  # vLLM logs (the workers' errors too) go to stdout
         left_behind = _group_alive(proc.pid)
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, 9)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, out[-3000:]
     for plan in plans:
-        assert f"REFUSED {plan}" in out, out
-    for name, (_, message) in BAD.items():
-        assert message in err, f"{name}: {message!r} not in the engine's log"
-    assert "PlanError" in err
+        assert f"REFUSED {plan}" in out, out[-3000:]
+    for (name, (_, message)), plan in zip(BAD.items(), plans):
+        assert f"PlanError: {plan}:" in out and message in out, f"{name}: {message!r} not in the engine's log"
     assert not left_behind, "engine processes outlived the failed start"

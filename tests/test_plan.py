@@ -144,3 +144,12 @@ def test_summary_rows_describe_each_layer():
     assert len(rows) == 4 and rows[0].prefill == "dense" and rows[1].prefill == "a_shape x4, dense x2"
     assert rows[0].prefill_density == 1.0 and rows[1].prefill_density < 1.0
     assert plan.expected_density(512) == pytest.approx(sum(r.prefill_density for r in rows) / 4)
+
+
+def test_tidal_reuse_density_follows_the_select_layer_budget():
+    plan = small(settings={"dense_below": 0, "tidal_top_k": 50},
+                 layers={"0": {"decode": {"type": "tidal", "role": "select", "top_k": 100}},
+                         "1-3": {"decode": {"type": "tidal", "role": "reuse"}}})
+    rows = plan.summary(1000)
+    assert rows[0].decode_density == 1.0  # a select layer attends densely
+    assert [r.decode_density for r in rows[1:]] == pytest.approx([0.1] * 3)  # the 100 positions layer 0 chose

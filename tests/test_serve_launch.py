@@ -102,6 +102,12 @@ def test_no_headwise_serves_stock_attention_but_keeps_the_routes(launches):
     assert args.middleware == [serve.ROUTES_MIDDLEWARE]
 
 
+def test_a_plan_given_through_additional_config_counts_as_plan(launches):
+    mine = str((SMOLLM_PLANS / "dense.json").resolve())
+    launch = launches(None, None, ["--additional-config", json.dumps({"headwise": {"plan": mine}})], on_cpu=True)
+    assert launch.plan == mine == launch.env["HEADWISE_PLAN"]
+
+
 def test_an_allowlist_without_headwise_gets_it_added(launches, monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "someone_else")
     launch = launches(None, None, [], on_cpu=True)
