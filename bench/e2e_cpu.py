@@ -30,8 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLANS = sorted(glob.glob(str(ROOT / "configs" / "smollm2-135m-instruct" / "*.json")))
-ENGINE_KW = dict(gpu_memory_utilization=0.5, max_model_len=8192, enable_prefix_caching=False,
-                 disable_log_stats=False, seed=0)
+ENGINE_KW = dict(max_model_len=8192, enable_prefix_caching=False, disable_log_stats=False, seed=0)
+KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE: ~90K tokens of SmolLM2 cache, plenty for batch 1
 
 
 # ------------------------------------------------------------------------- one mode (child)
@@ -117,7 +117,9 @@ def _run_child(mode: str, args: argparse.Namespace, out: Path) -> dict:
     if args.model:
         cmd += ["--model", args.model]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWISE_")}
-    print(f"== {mode}", flush=True)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
+    load_before = os.getloadavg()
+    print(f"== {mode} (load average {load_before[0]:.1f})", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # own process group: killable as a whole
     status = "ok"
     try:
@@ -134,6 +136,8 @@ def _run_child(mode: str, args: argparse.Namespace, out: Path) -> dict:
         status = f"exit code {proc.returncode}"
     result = json.loads(out.read_text()) if out.exists() and out.stat().st_size else {"mode": mode, "rows": []}
     result["status"] = status
+    # a shared machine: the load around each mode says how comparable its timings are
+    result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
     return result
 
 

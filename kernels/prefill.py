@@ -1,12 +1,19 @@
 """Sparse prefill attention over a ``SparseIndex``: the torch path (CPU, and the test oracle).
 
-Work is organised in *rows*: one row is one (query head, query block). A row's keys are read in
-two parts: (A) everything its ranges and columns name below the block's first query, which every
-query of the block may see (ranges as whole 64-key tiles, columns one by one, one key mask per
-row), and (B) the block's own span of positions, under the causal mask. The parts are merged by
-their log-sum-exp. Rows are sorted by work and batched so that padding stays small and no S x S
-matrix ever exists. Heads whose index covers every causal key take torch's fused CPU flash kernel
-(the dense fast path). GQA: a row reads its KV head only; K/V are never repeated per query head.
+``prefill_plan`` splits each set of identical heads into row kinds; this module runs them with
+torch's fused CPU flash kernel and merges the partial results by their log-sum-exp:
+
+* dense prefix rows: one dense causal call over the leading blocks (a whole dense head too);
+* near part: regular rows read their band ``[bs - b, be)`` as overlapping windows of the K/V
+  buffer (a strided view, no copy), a chunk of blocks per batch item under one relative mask
+  shared by every item; short rows read their diagonal block (causal, no mask); broken rows read
+  it under a membership mask;
+* far part: the keys below the near part, gathered once per item of ``k`` rows (the union of
+  their far keys), every query of a row seeing its row's keys (membership mask when k > 1).
+
+Identical heads of a KV group are stacked along the query axis, so a GQA group reads each
+gathered K/V row once and the kernel sees more queries per key list. K/V are never repeated
+per query head. Memory stays O(S x block) apart from the output-sized partial results.
 
 The Triton kernels (``prefill_triton.py``) implement the same contract; ``sparse_prefill`` and
 ``sparse_prefill_paged`` (in ``dispatch.py``) choose between them.
@@ -18,146 +25,306 @@ import math
 
 import torch
 
-from .attention_torch import KEY_SLOT_BUDGET, attend, chunks, dense_attention_lse, dense_fast_path_available
-from .attention_torch import in_sorted_ranges, merge_partials
+from .attention_torch import dense_attention_lse, flash, fused_cpu_ok, merge_partials
 from .index import SparseIndex
+from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_chunk, far_keys, head_sets,
+                           own_range, plan_heads, row_tensors, _in_ranges, _keys_below)
 
-KEY_TILE = 64  # keys per gathered tile: ranges are read as whole contiguous tiles, not key by key
-
-
-def block_horizon(index: SparseIndex) -> torch.Tensor:
-    """``[NQB]`` long: one past the last key position any query of the block may read."""
-    qb = torch.arange(index.num_q_blocks, device=index.device)
-    return index.q_offset + torch.clamp((qb + 1) * index.block_m, max=index.q_len)
+PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
+_NEG_INF = float("-inf")
 
 
-def keys_per_block(index: SparseIndex) -> torch.Tensor:
-    """``[H, NQB]`` long: keys each (head, block) lists below its causal horizon."""
-    horizon = block_horizon(index).view(1, -1, 1)
-    r_valid = torch.arange(index.range_start.shape[2], device=index.device) < index.range_count[..., None]
-    r_len = (torch.minimum(index.range_end.long(), horizon) - index.range_start.long()).clamp(min=0)
-    c_valid = torch.arange(index.columns.shape[2], device=index.device) < index.column_count[..., None]
-    return (r_len * r_valid).sum(-1) + (c_valid & (index.columns.long() < horizon)).sum(-1)
+def _consecutive(rows: torch.Tensor) -> int | None:
+    """The first block when ``rows [n, k]`` lists consecutive blocks (so views can replace
+    gathers), else None."""
+    r0 = int(rows[0, 0])
+    span = torch.arange(r0, r0 + rows.numel(), device=rows.device)
+    return r0 if r0 >= 0 and bool((rows.reshape(-1) == span).all()) else None
 
 
-def dense_heads(index: SparseIndex) -> torch.Tensor:
-    """``[H]`` bool: heads whose every block keeps all causal keys (ranges are disjoint and
-    columns lie outside them, so a full count means full coverage)."""
-    return (keys_per_block(index) == block_horizon(index)[None, :]).all(dim=1)
+def _adjacent(heads: list[int]) -> bool:
+    return heads == list(range(heads[0], heads[0] + len(heads)))
 
 
-def expand_segments(seg_start: torch.Tensor, seg_len: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded lists of the integers covered by segments ``[start, start + len)`` per row.
+class _Out:
+    """The result being assembled: ``o [T_pad, Hq, D]`` in q's dtype (the returned output) and
+    ``lse [Hq, T_pad]`` fp32. Near parts write their rows; far parts merge into them by LSE.
+    Cells are addressed by heads and rows ``[n, k]`` (-1 = none), as ``[n, S, k * bm]``."""
 
-    seg_start, seg_len: ``[n, G]`` long. Returns values ``[n, length]`` (0 in padding) and valid
-    ``[n, length]``. Slot j of a row falls in the segment whose running end first exceeds j.
-    """
-    ends = torch.cumsum(seg_len, dim=1)  # [n, G]
-    slots = torch.arange(length, device=seg_len.device).expand(seg_len.shape[0], length).contiguous()
-    seg = torch.searchsorted(ends, slots, right=True).clamp(max=seg_len.shape[1] - 1)  # [n, L]
-    val = torch.gather(seg_start, 1, seg) + (slots - torch.gather(ends - seg_len, 1, seg))
-    valid = slots < ends[:, -1:]
-    return torch.where(valid, val, 0), valid
+    def __init__(self, t_pad: int, hq: int, d: int, dtype: torch.dtype, device, bm: int):
+        self.o = torch.empty(t_pad, hq, d, dtype=dtype, device=device)
+        self.lse = torch.empty(hq, t_pad, device=device)
+        self.bm = bm
+
+    def _cells(self, heads: list[int], rows: torch.Tensor):
+        n, k = rows.shape
+        s, m, h0 = len(heads), rows.shape[1] * self.bm, heads[0]
+        r0 = _consecutive(rows) if _adjacent(heads) else None
+        if r0 is not None:  # views of a contiguous span
+            t0, t1 = r0 * self.bm, r0 * self.bm + n * m
+            return (self.o[t0:t1, h0:h0 + s].view(n, m, s, -1).permute(0, 2, 1, 3),
+                    self.lse[h0:h0 + s, t0:t1].view(s, n, m).permute(1, 0, 2)), None
+        t = rows.clamp(min=0).view(n, 1, k, 1) * self.bm + torch.arange(self.bm, device=rows.device)
+        h = torch.tensor(heads, device=rows.device).view(1, s, 1, 1)
+        keep = (rows >= 0).view(n, 1, k, 1).expand(n, s, k, self.bm).reshape(-1)
+        o_idx = (t * self.o.shape[1] + h).reshape(-1)[keep]
+        l_idx = (h * self.lse.shape[1] + t).reshape(-1)[keep]
+        return None, (o_idx, l_idx, keep)
+
+    def write(self, heads: list[int], rows: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
+        """o ``[n, S, k * bm, D]``, lse ``[n, S, k * bm]``: the cells' first (near) part."""
+        views, idx = self._cells(heads, rows)
+        if views is not None:
+            views[0].copy_(o)
+            views[1].copy_(lse)
+            return
+        o_idx, l_idx, keep = idx
+        d = o.shape[-1]
+        self.o.view(-1, d).index_copy_(0, o_idx, o.reshape(-1, d)[keep].to(self.o.dtype))
+        self.lse.view(-1).index_copy_(0, l_idx, lse.reshape(-1)[keep].float())
+
+    def merge(self, heads: list[int], rows: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
+        """Fold another part over disjoint keys into the cells (same shapes as ``write``)."""
+        views, idx = self._cells(heads, rows)
+        if views is not None:
+            new_o, new_l = merge_partials(views[0], views[1], o, lse)
+            views[0].copy_(new_o)
+            views[1].copy_(new_l)
+            return
+        o_idx, l_idx, keep = idx
+        d = o.shape[-1]
+        flat_o, flat_l = self.o.view(-1, d), self.lse.view(-1)
+        new_o, new_l = merge_partials(flat_o.index_select(0, o_idx), flat_l.index_select(0, l_idx),
+                                      o.reshape(-1, d)[keep], lse.reshape(-1)[keep])
+        flat_o.index_copy_(0, o_idx, new_o.to(self.o.dtype))
+        flat_l.index_copy_(0, l_idx, new_l)
+
+    def write_span(self, heads: list[int], o: torch.Tensor, lse: torch.Tensor) -> None:
+        """o ``[S, T, D]`` / lse ``[S, T]`` for heads ``S`` at the first T query rows."""
+        t = o.shape[1]
+        for i, h in enumerate(heads):
+            self.o[:t, h] = o[i]
+            self.lse[h, :t] = lse[i]
 
 
-def _prefix_tiles(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Key tiles each (head, block) reads *below its first query* (the part without causality).
+def _stack(x: torch.Tensor) -> torch.Tensor:
+    """``[n, S, M, D]`` -> ``[n, 1, S * M, D]``: identical heads share one key list."""
+    n, s, m, d = x.shape
+    return x if s == 1 else x.reshape(n, 1, s * m, d)
 
-    Returns tile_start, tile_count ``[H, NQB, R]`` long (a range's tiles, minus a first tile the
-    previous range already brought) and prefix_cols ``[H, NQB]``: how many leading columns lie
-    below the first query (columns are sorted, so they are a prefix of the list).
-    """
-    dev = index.device
-    q_start = (index.q_offset + torch.arange(index.num_q_blocks, device=dev) * index.block_m).view(1, -1, 1)
-    r_valid = torch.arange(index.range_start.shape[2], device=dev) < index.range_count[..., None]
-    rs = index.range_start.long()
-    re = torch.minimum(index.range_end.long(), q_start)
-    live = r_valid & (re > rs)  # sorted ranges: the live ones form a prefix
-    t0 = rs // KEY_TILE
-    t1 = torch.where(live, -(-re // KEY_TILE), 0)
-    prev_end = torch.nn.functional.pad(torch.cummax(t1, dim=2).values[..., :-1], (1, 0))
-    t0 = torch.maximum(t0, prev_end)
-    count = torch.where(live, (t1 - t0).clamp(min=0), 0)
-    c_valid = torch.arange(index.columns.shape[2], device=dev) < index.column_count[..., None]
-    prefix_cols = (c_valid & (index.columns.long() < q_start)).sum(-1)
-    return t0, count, prefix_cols
+
+def _q_rows(qp: torch.Tensor, heads: list[int], rows: torch.Tensor, bm: int) -> torch.Tensor:
+    """Queries of ``rows [n, k]`` (-1 -> block 0) for ``heads``: ``[n, S, k * bm, D]`` (a view
+    when the rows are consecutive and the heads adjacent)."""
+    nqb, d, s = qp.shape[0] // bm, qp.shape[2], len(heads)
+    n, k = rows.shape
+    src = qp[:, heads[0]:heads[0] + s] if _adjacent(heads) else qp[:, heads]  # [T_pad, S, D]
+    r0 = _consecutive(rows)
+    if r0 is not None:
+        return src[r0 * bm:(r0 + n * k) * bm].view(n, k * bm, s, d).permute(0, 2, 1, 3)
+    blocks = src.view(nqb, bm, s, d)[rows.clamp(min=0)]  # [n, k, bm, S, D]
+    return blocks.permute(0, 3, 1, 2, 4).reshape(n, s, k * bm, d)
+
+
+def _windows(x: torch.Tensor, g: int, first: int, count: int, width: int, step: int) -> torch.Tensor:
+    """``count`` overlapping windows of ``width`` keys of KV head ``g``, the i-th starting at
+    ``first + i * step``: a strided view ``[count, 1, width, D]`` of ``x [Hkv, S_pad, D]``."""
+    s_pad, d = x.shape[1], x.shape[2]
+    return x.as_strided((count, 1, width, d), (step * d, 0, d, 1), x.storage_offset() + (g * s_pad + first) * d)
+
+
+def _band_bias(band: int, m: int, bm: int, stacked: int, dtype, device) -> torch.Tensor:
+    """Relative mask of a chunk of ``m`` queries over keys ``[cs - band, cs + m)``: query i (block
+    i // bm) sees key r from its block's band start to itself. ``[1, 1, stacked * m, band + m]``."""
+    i = torch.arange(m, device=device)[:, None]
+    r = torch.arange(band + m, device=device)[None, :]
+    ok = (r >= (i // bm) * bm) & (r <= band + i)
+    bias = torch.zeros(m, band + m, dtype=dtype, device=device).masked_fill_(~ok, _NEG_INF)
+    return bias.repeat(stacked, 1)[None, None]
+
+
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs ``[first, last + 1)`` of consecutive block numbers in sorted ``rows``."""
+    if rows.numel() == 0:
+        return []
+    cut = (torch.nonzero(torch.diff(rows) != 1).view(-1) + 1).tolist()
+    bounds = [0] + cut + [rows.numel()]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
+    """Regular rows: the band ``[bs - b, be)`` of every block, causal, read as strided windows."""
+    rows = torch.nonzero(p.regular).view(-1)
+    if rows.numel() == 0:
+        return
+    bm, b, s = index.block_m, p.band, len(p.heads)
+    k = band_chunk(b, rows.numel(), s, bm)
+    leftover: list[int] = []
+    for r0, r1 in _runs(rows):
+        n_items = (r1 - r0) // k
+        if k == 1 or n_items == 0:
+            leftover.extend(range(r0, r1))
+            continue
+        leftover.extend(range(r0 + n_items * k, r1))
+        m = k * bm
+        bias = _band_bias(b, m, bm, s, qp.dtype, qp.device)
+        per_call = max(1, PAIR_BUDGET // (s * m * (b + m)))
+        for i0 in range(0, n_items, per_call):
+            n = min(per_call, n_items - i0)
+            c0 = r0 + i0 * k  # first block of the call
+            first = index.q_offset + c0 * bm - b
+            items = torch.arange(c0, c0 + n * k, device=qp.device).view(n, k)
+            o, l = flash(_stack(_q_rows(qp, p.heads, items, bm)),
+                         _windows(kh, p.kv_head, first, n, b + m, m), _windows(vh, p.kv_head, first, n, b + m, m),
+                         bias, scale=scale)
+            acc.write(p.heads, items, o.view(n, s, m, -1), l.reshape(n, s, m))
+    if leftover:
+        _near_rows(acc, qp, kh, vh, index, p, torch.tensor(leftover, device=qp.device), b, scale)
+
+
+def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, b: int,
+               scale: float, bias: torch.Tensor | None = None) -> None:
+    """Rows (a 1-d tensor of blocks) over their windows ``[bs - b, bs + bm)``, one block per item:
+    with the shared band mask, or causal when ``b`` is 0, or under a per-row ``bias [n, 1, bm, bm]``."""
+    bm, s = index.block_m, len(p.heads)
+    first_row = int(rows.min())
+    span = int(rows.max()) - first_row + 1
+    first = index.q_offset + first_row * bm - b
+    kw = _windows(kh, p.kv_head, first, span, b + bm, bm)
+    vw = _windows(vh, p.kv_head, first, span, b + bm, bm)
+    if span != rows.numel():  # not consecutive: gather the windows (few rows)
+        kw, vw = kw[rows - first_row], vw[rows - first_row]
+    q = _q_rows(qp, p.heads, rows[:, None], bm)  # [n, S, bm, D]
+    if bias is None and b == 0:  # diagonal block only: the kernel's own causal mask
+        n = rows.numel()
+        o, l = flash(q, kw.expand(n, s, bm, -1), vw.expand(n, s, bm, -1), causal=True, scale=scale)
+    else:
+        if bias is None:
+            bias = _band_bias(b, bm, bm, s, qp.dtype, qp.device)
+        elif s > 1:
+            bias = bias.repeat(1, 1, s, 1)
+        o, l = flash(_stack(q), kw, vw, bias, scale=scale)
+    n = rows.numel()
+    acc.write(p.heads, rows[:, None], o.view(n, s, bm, -1), l.reshape(n, s, bm))
+
+
+def _near_diag(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
+    """Short rows: the diagonal block, causal. Broken rows: the diagonal block under the index."""
+    short = torch.nonzero(p.short).view(-1)
+    if short.numel():
+        _near_rows(acc, qp, kh, vh, index, p, short, 0, scale)
+    broken = torch.nonzero(p.broken).view(-1)
+    if broken.numel() == 0:
+        return
+    bm = index.block_m
+    bs, _ = block_bounds(index)
+    pos = bs[broken, None] + torch.arange(bm, device=qp.device)  # [n, bm] the block's own positions
+    rs, re, rc, cs, cc = row_tensors(index, p.heads[0], broken)
+    member = _in_ranges(pos, rs, re, rc)
+    c_ok = torch.where(torch.arange(cs.shape[1], device=cs.device) < cc[:, None], cs, BIG)
+    hit = torch.searchsorted(c_ok.contiguous(), pos.contiguous()).clamp(max=cs.shape[1] - 1)
+    member |= torch.gather(c_ok, 1, hit) == pos
+    allowed = member[:, None, :] & torch.ones(bm, bm, dtype=torch.bool, device=pos.device).tril()[None]
+    bias = torch.zeros(allowed.shape, dtype=qp.dtype, device=qp.device).masked_fill_(~allowed, _NEG_INF)
+    _near_rows(acc, qp, kh, vh, index, p, broken, 0, scale, bias[:, None])
+    # a query that keeps no key of its own block: no near part
+    none = ~allowed.any(-1)  # [n, bm]
+    if bool(none.any()):
+        t = (broken[:, None] * bm + torch.arange(bm, device=qp.device))[none]
+        for h in p.heads:
+            acc.lse[h, t] = _NEG_INF
+            acc.o[t, h] = 0
+
+
+def _far(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
+    """Far keys (below each row's near part), gathered once per item of ``k`` rows."""
+    cand = torch.nonzero(p.far_start > 0).view(-1)
+    if cand.numel() == 0:
+        return
+    rs, re, rc, cs, cc = row_tensors(index, p.heads[0], cand)
+    n_far = _keys_below(rs, re, rc, cs, cc, p.far_start[cand, None].contiguous())[:, 0]
+    rows = cand[n_far > 0]
+    if rows.numel() == 0:
+        return
+    bm, s, d = index.block_m, len(p.heads), qp.shape[2]
+    start = p.far_start[rows]
+    k = far_chunk(index, p.heads[0], rows, start, s, 2 * d * qp.element_size())
+    pos, member, item_rows = far_keys(index, p.heads[0], rows, start, k)
+    width = (pos < BIG).sum(1).tolist()
+    m = s * k * bm
+    s_pad = kh.shape[1]
+    k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)
+    for i, j, w in _in_order(width, max(1, PAIR_BUDGET // m)):
+        n = j - i
+        ps = pos[i:j, :w]
+        kv_id = (p.kv_head * s_pad + torch.where(ps < BIG, ps, 0)).view(-1)
+        kg = k_flat.index_select(0, kv_id).view(n, 1, w, d)
+        vg = v_flat.index_select(0, kv_id).view(n, 1, w, d)
+        mem = member[i:j, :, :w]  # [n, k, w]
+        keep = torch.zeros(mem.shape, dtype=qp.dtype, device=qp.device).masked_fill_(~mem, _NEG_INF)
+        if k == 1:
+            bias = keep[:, None]  # [n, 1, 1, w]: every query of the row sees the same keys
+        else:
+            bias = keep[:, None, :, None, :].expand(n, s, k, bm, w).reshape(n, 1, m, w)
+        rows_i = item_rows[i:j]
+        o, l = flash(_stack(_q_rows(qp, p.heads, rows_i, bm)), kg, vg, bias, scale=scale)
+        l = l.reshape(n, s, k, bm)
+        if k > 1:  # a row of the item with none of the union's keys: no far part
+            l = torch.where(mem.any(-1).view(n, 1, k, 1), l, _NEG_INF)
+        acc.merge(p.heads, rows_i, o.view(n, s, k * bm, d), l.view(n, s, k * bm))
+
+
+def _in_order(width: list[int], budget: int):
+    """Batches ``(i, j, w)`` of consecutive items with ``(j - i) * w <= budget``, w the widest:
+    items stay in row order, so a batch's queries and outputs are views of contiguous rows
+    (neighbouring rows have similar far key counts, so little padding is lost)."""
+    i = 0
+    while i < len(width):
+        j, w = i + 1, width[i]
+        while j < len(width) and (j + 1 - i) * max(w, width[j]) <= budget:
+            w = max(w, width[j])
+            j += 1
+        yield i, j, max(1, w)
+        i = j
 
 
 def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: SparseIndex, scale: float):
-    """q: ``[Tq, Hq, D]``; kh, vh: ``[Hkv, S_pad, D]`` contiguous, zero-padded to whole tiles plus
-    one query block. Returns out ``[Hq, Tq, D]`` fp32 and lse ``[Hq, Tq]`` fp32."""
+    """q: ``[Tq, Hq, D]``; kh, vh: ``[Hkv, S_pad, D]`` contiguous, zero beyond the sequence, with
+    ``S_pad >= q_offset + NQB * block_m``. Returns out ``[Tq, Hq, D]`` in q's dtype and lse
+    ``[Hq, Tq]`` fp32."""
     tq, hq, d = q.shape
-    hkv, s_pad, _ = kh.shape
+    hkv = kh.shape[0]
     group, bm, nqb = hq // hkv, index.block_m, index.num_q_blocks
-    dev = q.device
-    index = index.to(dev)
-    out = torch.zeros(hq, nqb * bm, d, dtype=torch.float32, device=dev)
-    lse = torch.full((hq, nqb * bm), float("-inf"), dtype=torch.float32, device=dev)
-
-    is_dense = dense_heads(index) if dense_fast_path_available(q) else torch.zeros(hq, dtype=torch.bool, device=dev)
-    for g in range(hkv):  # dense heads: one fused call per KV head for its dense query heads
-        heads = [h for h in range(g * group, (g + 1) * group) if bool(is_dense[h])]
-        if heads:
-            o, l = dense_attention_lse(q[:, heads].transpose(0, 1), kh[g, : index.seq_len], vh[g, : index.seq_len],
+    index = index.to(q.device)
+    t_pad = nqb * bm
+    qp = q if tq == t_pad else torch.nn.functional.pad(q, (0, 0, 0, 0, 0, t_pad - tq))  # [T_pad, Hq, D]
+    acc = _Out(t_pad, hq, d, q.dtype, q.device, bm)
+    avail, dense = own_range(index)
+    for heads in head_sets(index, group):
+        p = plan_heads(index, heads, group, avail, dense, allow_dense=fused_cpu_ok(q))
+        if p.dense_rows:
+            tj = min(p.dense_rows * bm, tq)
+            qg = q[:tj, heads].transpose(0, 1)  # [S, Tj, D]
+            o, l = dense_attention_lse(qg, kh[p.kv_head, : index.q_offset + tj], vh[p.kv_head, : index.q_offset + tj],
                                        index.q_offset, scale)
-            out[heads, :tq], lse[heads, :tq] = o, l
-
-    # Sparse heads, row = (head, block): part A = tiles/columns below the block's first query
-    # (no causal mask needed, one key mask per row), part B = the block's own 64 positions
-    # (causal), merged by LSE. Rows are sorted by work so padding stays small.
-    flat = lambda t: t.reshape(hq * nqb, *t.shape[2:])  # noqa: E731
-    t0, tcount, ncols = (flat(x) for x in _prefix_tiles(index))
-    rs, re, rc = flat(index.range_start.long()), flat(index.range_end.long()), flat(index.range_count.long())
-    cs, cc = flat(index.columns.long()), flat(index.column_count.long())
-    sparse_row = ~is_dense.repeat_interleave(nqb)
-    work = torch.where(sparse_row, tcount.sum(-1) * KEY_TILE + ncols + bm, 0)
-    order = torch.argsort(work, stable=True)
-    q_rows = torch.nn.functional.pad(q.transpose(0, 1), (0, 0, 0, nqb * bm - tq)).reshape(hq * nqb, bm, d)
-    k_tiles, v_tiles = kh.view(-1, KEY_TILE, d), vh.view(-1, KEY_TILE, d)  # [Hkv * S_pad / 64, 64, D]
-    k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)  # [Hkv * S_pad, D]
-    # [Hkv, S_pad - bm + 1, bm, D]: every window of bm consecutive keys, as a view
-    k_win = kh.as_strided((hkv, s_pad - bm + 1, bm, d), (s_pad * d, d, d, 1))
-    v_win = vh.as_strided((hkv, s_pad - bm + 1, bm, d), (s_pad * d, d, d, 1))
-    out_rows, lse_rows = out.view(hq * nqb, bm, d), lse.view(hq * nqb, bm)
-    local = torch.arange(bm, device=dev)
-    for i, j, _ in chunks(work[order].tolist(), KEY_SLOT_BUDGET):
-        rows = order[i:j]
-        kvh = rows // nqb // group
-        q_start = index.q_offset + (rows % nqb) * bm  # [n]
-        # part B: the block's own span, causal
-        pos_b = q_start[:, None] + local  # [n, bm]
-        member = in_sorted_ranges(pos_b, rs[rows], re[rows], rc[rows])
-        member |= in_sorted_ranges(pos_b, cs[rows], cs[rows] + 1, cc[rows])
-        allowed = (member & (pos_b < index.seq_len))[:, None, :] & (local[None, :, None] >= local[None, None, :])
-        o, l = attend(q_rows[rows], k_win[kvh, q_start], v_win[kvh, q_start], allowed, scale)
-        # part A: whole tiles of the ranges + single columns, all visible to every query
-        n_tiles, n_cols = int(tcount[rows].sum(-1).max()), int(ncols[rows].max())
-        if n_tiles + n_cols:
-            tiles, t_ok = expand_segments(t0[rows], tcount[rows], n_tiles)  # [n, Tt]
-            pos_t = (tiles[:, :, None] * KEY_TILE + torch.arange(KEY_TILE, device=dev)).view(len(rows), -1)
-            ok_t = t_ok.repeat_interleave(KEY_TILE, dim=1) & (pos_t < q_start[:, None])
-            ok_t &= in_sorted_ranges(pos_t, rs[rows], re[rows], rc[rows])
-            cols = cs[rows, :n_cols]
-            ok_c = torch.arange(n_cols, device=dev) < ncols[rows, None]
-            tile_id = (kvh[:, None] * (s_pad // KEY_TILE) + tiles).view(-1)
-            col_id = (kvh[:, None] * s_pad + torch.where(ok_c, cols, 0)).view(-1)
-            ka = torch.cat([k_tiles.index_select(0, tile_id).view(len(rows), -1, d),
-                            k_flat.index_select(0, col_id).view(len(rows), -1, d)], dim=1)
-            va = torch.cat([v_tiles.index_select(0, tile_id).view(len(rows), -1, d),
-                            v_flat.index_select(0, col_id).view(len(rows), -1, d)], dim=1)
-            oa, la = attend(q_rows[rows], ka, va, torch.cat([ok_t, ok_c], dim=1)[:, None, :], scale)
-            o, l = merge_partials(oa, la, o, l)
-        out_rows[rows], lse_rows[rows] = o, l
-    return out[:, :tq], lse[:, :tq]
+            acc.write_span(heads, o, l)
+        _near_band(acc, qp, kh, vh, index, p, scale)
+        _near_diag(acc, qp, kh, vh, index, p, scale)
+        _far(acc, qp, kh, vh, index, p, scale)
+    return acc.o[:tq], acc.lse[:, :tq]
 
 
-def _head_major(x: torch.Tensor, seq_len: int, block_m: int) -> torch.Tensor:
-    """``[S, Hkv, D]`` -> contiguous ``[Hkv, S_pad, D]``, zero-padded to whole key tiles plus one
-    query block (so every tile and every block-long window is in bounds)."""
-    s_pad = -(-seq_len // KEY_TILE) * KEY_TILE + -(-block_m // KEY_TILE) * KEY_TILE
-    out = x.new_zeros(x.shape[1], s_pad, x.shape[2])
+def _head_major(x: torch.Tensor, seq_len: int, s_pad: int) -> torch.Tensor:
+    """``[S, Hkv, D]`` -> contiguous ``[Hkv, S_pad, D]``, zero beyond ``seq_len`` (so every block
+    window is in bounds and padding keys are finite)."""
+    out = x.new_empty(x.shape[1], s_pad, x.shape[2])
     out[:, :seq_len] = x.transpose(0, 1)
+    out[:, seq_len:] = 0
     return out
+
+
+def _padded_len(index: SparseIndex) -> int:
+    return index.q_offset + index.num_q_blocks * index.block_m
 
 
 def _check_inputs(q: torch.Tensor, index: SparseIndex, hkv: int, d: int, where: str) -> None:
@@ -194,10 +361,9 @@ def sparse_prefill_torch(
             f"[{index.seq_len} (= q_offset {index.q_offset} + q_len {index.q_len}), Hkv, D]"
         )
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    kh = _head_major(k.to(q.dtype), index.seq_len, index.block_m)
-    vh = _head_major(v.to(q.dtype), index.seq_len, index.block_m)
+    kh = _head_major(k.to(q.dtype), index.seq_len, _padded_len(index))
+    vh = _head_major(v.to(q.dtype), index.seq_len, _padded_len(index))
     out, lse = _prefill_core(q, kh, vh, index, scale)
-    out = out.transpose(0, 1).to(q.dtype)
     return (out, lse) if return_lse else out
 
 
@@ -226,11 +392,10 @@ def sparse_prefill_paged_torch(
         )
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
 
-    # one gather of the request's positions into head-major order; every later read is a tile
+    # one gather of the request's positions into head-major order; every later read is a view or a gather
     pos = torch.arange(index.seq_len, device=k_cache.device)
     blocks = block_table_row.to(k_cache.device).long()[pos // bs]
-    kh = _head_major(k_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, index.block_m)
-    vh = _head_major(v_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, index.block_m)
+    kh = _head_major(k_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, _padded_len(index))
+    vh = _head_major(v_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, _padded_len(index))
     out, lse = _prefill_core(q, kh, vh, index, scale)
-    out = out.transpose(0, 1).to(q.dtype)
     return (out, lse) if return_lse else out

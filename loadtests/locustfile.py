@@ -15,8 +15,9 @@ Options (also ``LOCUST_*`` environment variables): ``--prompt-lengths`` ``TOKENS
 ``--samples-file`` (one JSON line per request, what the runner's summary and plots are made from);
 ``--allow-eos`` (stop at end of sequence instead of always generating ``--max-tokens``).
 Prompts are built once at test start with the server's own tokenizer (its ``/tokenize``
-endpoint), so lengths are in the served model's tokens; each request starts with a unique line
-so that the prefix cache cannot serve one request's prompt to another.
+endpoint), so lengths are in the served model's tokens; each user message starts with a unique
+line so that the prefix cache can share no more than the chat template's fixed preamble between
+requests.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _options(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, env_var="LOCUST_MAX_TOKENS",
                         help="tokens generated per request")
     parser.add_argument("--model", default="", env_var="LOCUST_MODEL", help="model name (default: the server's first)")
-    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY", help="bearer token for --api-key servers")
+    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY", is_secret=True,
+                        help="bearer token for --api-key servers")
     parser.add_argument("--samples-file", default="", env_var="LOCUST_SAMPLES_FILE",
                         help="append one JSON line per request to this file")
     parser.add_argument("--allow-eos", action="store_true", default=False,

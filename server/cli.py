@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (module, why it is here) — the order is the order of `headwise --help`.
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `headwise plan show ... | head`: the reader left, which is fine
+        sys.stdout = open(os.devnull, "w")  # keep the interpreter's final flush quiet
+        return 0
 
 
 if __name__ == "__main__":

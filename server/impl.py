@@ -70,6 +70,17 @@ def dense_prefix(index: SparseIndex, dense_below: int) -> SparseIndex:
     return SparseIndex(rs, re, rc, index.columns, cc, index.q_len, index.q_offset, index.block_m)
 
 
+def _derived(cache: dict, kind: str, index: SparseIndex, make) -> Any:
+    """``make(index)`` once per step for a (possibly shared) index. The entry holds the index
+    itself: that keeps it alive for the step (so its ``id`` cannot be reused by another index) and
+    lets a lookup check it is the same object."""
+    slot = cache.get((kind, id(index)))
+    if slot is None or slot[0] is not index:
+        slot = (index, make(index))
+        cache[(kind, id(index))] = slot
+    return slot[1]
+
+
 class HeadwiseImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
@@ -174,20 +185,12 @@ class HeadwiseImpl(AttentionImpl):
         if not row.dense and row.q_offset < md.dense_below:
             # the chunk straddles dense_below: its query blocks below the threshold attend densely,
             # as they would in any other chunking of the same prompt
-            key = ("dense_prefix", id(index))
-            if key not in md.step_cache:
-                md.step_cache[key] = dense_prefix(index, md.dense_below)
-            index = md.step_cache[key]
+            index = _derived(md.step_cache, "dense_prefix", index, lambda i: dense_prefix(i, md.dense_below))
         out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
         output[row.start:row.end] = out
         rec = get_recorder()
         if rec is not None:
             # static indices are shared by layers: compute each one's density once per step
-            key = ("density", id(index))
-            dens = md.step_cache.get(key)
-            if dens is None:
-                dens = 1.0 if lb.prefill_dense or row.dense else fast_density(index)
-                md.step_cache[key] = dens
-                md.step_cache[("keep", id(index))] = index  # keep the id from being reused this step
+            dens = 1.0 if lb.prefill_dense or row.dense else _derived(md.step_cache, "density", index, fast_density)
             causal = _causal_pairs(row.q_offset, row.q_len) * len(lb.heads)
             rec.add_keys(lb.layer, PREFILL, round(dens * causal), causal)

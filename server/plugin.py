@@ -90,16 +90,22 @@ def _settings(plan: str | os.PathLike, stats_dir: str | os.PathLike | None) -> d
     return {"plan": str(plan_path), "stats_dir": str(Path(stats_dir).resolve())}
 
 
-def engine_args(plan: str | os.PathLike, *, stats_dir: str | os.PathLike | None = None, **extra) -> dict:
+def engine_args(plan: str | os.PathLike, *, stats_dir: str | os.PathLike | None = None,
+                validate_for: str | None = None, **extra) -> dict:
     """Engine keyword arguments for ``vllm.LLM(model, **engine_args(plan))``, switching headwise on.
 
     Sets ``HEADWISE_ENABLE``, ``HEADWISE_PLAN`` and ``HEADWISE_STATS_DIR`` in ``os.environ`` (the
     engine processes vLLM spawns inherit them) and returns ``additional_config`` carrying the plan
     and the stats directory (a fresh temporary one when ``stats_dir`` is None), plus
     ``attention_backend="CUSTOM"`` on CUDA. ``extra`` is merged in (an ``additional_config`` in it
-    is merged key by key).
+    is merged key by key). ``validate_for`` (a model path): check the plan against that model (and
+    ``tensor_parallel_size`` in ``extra``) first, raising ``PlanError`` before anything starts.
     """
     _check_allowlist()
+    if validate_for is not None:
+        from .plan_binding import validate_plan_for_model
+
+        validate_plan_for_model(plan, validate_for, int(extra.get("tensor_parallel_size", 1)))
     settings = _settings(plan, stats_dir)
     os.environ.update(enable_env(settings["plan"], settings["stats_dir"]))
     kw: dict = {}

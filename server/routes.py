@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,14 +28,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from .plugin import ENV_ENABLE, ENV_PLAN
+from .serve import say
 from .stats import HeadwiseCollector, read_stats, stats_dir_from_env
 
 router = APIRouter(prefix="/v1/headwise", tags=["headwise"])
 READY_WAIT_S = 60.0  # how long the ready line waits for the socket after the app started
-
-
-def _say(message: str) -> None:
-    print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [headwise] {message}", file=sys.stderr, flush=True)
 
 
 def _active_plan_path() -> str | None:
@@ -126,8 +122,9 @@ def register_collector() -> None:
     _collector_registered = True
 
 
-def _listen_target(app) -> tuple[str, int, str] | None:
-    """(host to connect to, port, URL to print) from vLLM's parsed args; None for unix sockets."""
+def _listen_target(app) -> tuple[str, int, str, bool] | None:
+    """(host to connect to, port, URL to print, listening on every interface) from vLLM's parsed
+    args; None for unix sockets."""
     args = getattr(app.state, "args", None)
     port = getattr(args, "port", None)
     if args is None or port is None or getattr(args, "uds", None):
@@ -136,15 +133,15 @@ def _listen_target(app) -> tuple[str, int, str] | None:
     scheme = "https" if getattr(args, "ssl_keyfile", None) and getattr(args, "ssl_certfile", None) else "http"
     connect = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
     shown = f"[{connect}]" if ":" in connect else connect
-    return connect, int(port), f"{scheme}://{shown}:{port}"
+    return connect, int(port), f"{scheme}://{shown}:{port}", host in ("", "0.0.0.0", "::")
 
 
 async def _announce_when_listening(app) -> None:
     target = _listen_target(app)
     if target is None:
-        _say("ready (unix socket)")
+        say("ready (unix socket)")
         return
-    host, port, url = target
+    host, port, url, everywhere = target
     deadline = time.monotonic() + READY_WAIT_S
     while time.monotonic() < deadline:
         try:
@@ -155,7 +152,7 @@ async def _announce_when_listening(app) -> None:
         writer.close()
         break
     else:
-        _say(f"the app started but nothing accepted connections on {host}:{port} within {READY_WAIT_S:.0f}s")
+        say(f"the app started but nothing accepted connections on {host}:{port} within {READY_WAIT_S:.0f}s")
         return
     plan = _active_plan_path()
     if plan is None:
@@ -167,8 +164,9 @@ async def _announce_when_listening(app) -> None:
         else:  # the silent-fallback trap: say it loudly
             attention = (f"WARNING: headwise was asked for (plan {plan}) but no headwise worker has "
                          "reported; the engine may be running stock attention")
-    _say(f"ready at {url}  (OpenAI API {url}/v1, health {url}/health, metrics {url}/metrics, "
-         f"plan {url}/v1/headwise/plan); {attention}")
+    where = " (listening on all interfaces)" if everywhere else ""
+    say(f"ready at {url}{where}  (OpenAI API {url}/v1, health {url}/health, metrics {url}/metrics, "
+        f"plan {url}/v1/headwise/plan); {attention}")
 
 
 class HeadwiseRoutes:

@@ -31,13 +31,14 @@ from .model import DEFAULT_MODEL_NAME, ModelError, resolve_model
 # engineer's sparse default for SmolLM2-135M-Instruct), relative to the configs directory.
 DEFAULT_PLAN = Path("smollm2-135m-instruct") / "sparse.json"
 EMBEDDED_MAX_MODEL_LEN = 8192  # SmolLM2's trained context
-# On CPU vLLM compiles the model with inductor by default: minutes of start-up on a 2-core machine
-# (~160 s vs ~50 s eager here) for no decode speed-up we could measure on SmolLM2 (~21 vs ~22
-# tokens/s). So `headwise serve` runs eager on CPU unless the user chooses compilation flags.
+
 # KV cache on CPU when the user sets none: vLLM's CPU default (a fraction of the NUMA node) fails
 # on small shared machines. 2 GiB holds ~93K tokens of SmolLM2 (23 KiB per token), i.e. eleven
 # full 8K sequences, and leaves the rest of a 24 GiB box alone.
 CPU_KV_CACHE_BYTES = "2G"  # vLLM's human-readable form: G = GiB
+# Eager on CPU unless the user chooses compilation flags: vLLM compiles the model with inductor by
+# default, which took ~160 s of start-up on the 2-core machine vs ~50 s eager, while a rough check
+# of decode speed on SmolLM2 showed no gain (~22 vs ~21 tokens/s, one request each).
 ROUTES_MIDDLEWARE = "headwise.server.routes.HeadwiseRoutes"
 ENV_CONFIGS = "HEADWISE_CONFIGS"
 
@@ -53,7 +54,8 @@ def configs_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One log line in vLLM's format, tagged [headwise] (vLLM configures only its own loggers)."""
     print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [headwise] {message}", file=sys.stderr, flush=True)
 
 
@@ -338,6 +340,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(launch.command_line())
         return 0
     attention = f"headwise attention (plan {launch.plan})" if launch.plan else "stock vLLM attention"
-    _say(f"serving {launch.model} with {attention}"
+    say(f"serving {launch.model} with {attention}"
          + (f"; defaults: {', '.join(launch.defaults)}" if launch.defaults else ""))
     return run_launch(launch)

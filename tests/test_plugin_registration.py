@@ -85,6 +85,18 @@ def test_engine_args_refuse_an_allowlist_that_would_skip_headwise(tmp_path, monk
         plugin.engine_args(tmp_path / "missing.json")
 
 
+def test_engine_args_can_check_the_plan_against_the_model_first(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.ENV_ENABLE, raising=False)
+    bad = _write(tmp_path, {"model": {**SMOL, "num_layers": 24}})
+    with pytest.raises(PlanError, match=r"\$\.model\.num_layers: expected 30"):
+        plugin.engine_args(bad, validate_for=str(_checkpoint(tmp_path)))
+    assert plugin.ENV_ENABLE not in os.environ  # nothing switched on for a plan that does not fit
+    with pytest.raises(ValueError, match="tensor_parallel_size 2"):
+        plugin.engine_args(_write(tmp_path, {"model": SMOL}, "ok.json"), validate_for=str(_checkpoint(tmp_path)),
+                           tensor_parallel_size=2)
+
+
 def test_plan_path_comes_from_additional_config_then_env(monkeypatch):
     monkeypatch.setenv(plugin.ENV_PLAN, "/from/env.json")
     assert resolve_plan_path({"headwise": {"plan": "/from/config.json"}}) == "/from/config.json"

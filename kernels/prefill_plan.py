@@ -1,0 +1,267 @@
+"""How the CPU prefill splits a ``SparseIndex`` into work the fused CPU kernel runs fast.
+
+The fused CPU flash kernel is fast when many queries share one key list and when K/V need no
+copy (see ``attention_torch``). Sparse patterns have two kinds of structure that allow both:
+
+* *near* keys are anchored to the query block: a sliding window, MInference's local diagonals,
+  S2's local blocks, a forced diagonal block. For a block starting at ``bs`` they are the range
+  ``[bs - b, be)`` with the same width ``b`` for (almost) every block of a head, so they are read
+  as overlapping windows of one K buffer (no copy) under one relative mask shared by every block.
+* *far* keys are everything below ``bs - b``: sinks, vertical columns, strided shards, top-k
+  blocks. All queries of a block see all of them (no causal mask), and many are shared between
+  neighbouring blocks, so ``k`` consecutive rows can read the union of their far keys in one call
+  with a per-block membership mask (k is chosen per head from a cost estimate).
+
+Rows (one per query block) fall into: *dense prefix* (leading blocks that keep every causal key:
+dense causal attention), *regular* (the band of width ``b`` is fully kept), *short* (the block's
+own span is kept but the band is narrower: diagonal block only) and *broken* (the block's own span
+is not fully kept: diagonal block under an explicit mask). Heads of one KV group whose indices
+are identical are planned once and computed together (their queries stacked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention_torch import pair_cost
+from .index import SparseIndex
+
+BIG = 2**62  # sorts after every position: marks padding
+MASK_COST = 0.15  # relative cost of writing one element of a materialised mask (ns, as pair_cost)
+GATHER_COST = 100.0  # relative cost of gathering one key's K and V rows (D = 64, bf16)
+FAR_CHUNKS = (1, 2, 4, 8, 16, 32, 64)  # candidate numbers of blocks sharing one far key list
+
+
+@dataclass
+class HeadPlan:
+    """The work of one set of query heads with identical indices (one KV head).
+
+    dense_rows: leading blocks computed by dense causal attention.
+    band:       keys below a regular block's first query that its near window covers.
+    regular, short, broken: ``[NQB]`` bool row kinds (see the module docstring).
+    far_start:  ``[NQB]`` long; a row's far keys are its keys below this position.
+    """
+
+    heads: list[int]
+    kv_head: int
+    dense_rows: int
+    band: int
+    regular: torch.Tensor
+    short: torch.Tensor
+    broken: torch.Tensor
+    far_start: torch.Tensor
+
+
+def block_bounds(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[NQB]`` long: absolute position of each block's first query, and one past its last."""
+    start = index.q_offset + torch.arange(index.num_q_blocks, device=index.device) * index.block_m
+    return start, torch.clamp(start + index.block_m, max=index.seq_len)
+
+
+def own_range(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """``avail [H, NQB]`` long: how far below its first query the range holding a block's own span
+    reaches (-1 when no single range covers the span), and ``dense [H, NQB]``: that range starts at 0."""
+    bs, be = block_bounds(index)
+    h, nqb = index.num_heads, index.num_q_blocks
+    valid = torch.arange(index.range_start.shape[2], device=index.device) < index.range_count[..., None]
+    rs, re = index.range_start.long(), index.range_end.long()
+    st = torch.where(valid, rs, BIG)
+    r = torch.searchsorted(st, bs.view(1, -1, 1).expand(h, nqb, 1).contiguous(), right=True) - 1
+    s = torch.gather(rs, 2, r.clamp(min=0))[..., 0]
+    e = torch.gather(re, 2, r.clamp(min=0))[..., 0]
+    covers = (r[..., 0] >= 0) & (e >= be)
+    return torch.where(covers, bs - s, -1), covers & (s == 0)
+
+
+def head_sets(index: SparseIndex, group: int) -> list[list[int]]:
+    """Query heads grouped by KV head and identical index content (padding ignored)."""
+    h = index.num_heads
+    r_ok = torch.arange(index.range_start.shape[2], device=index.device) < index.range_count[..., None]
+    c_ok = torch.arange(index.columns.shape[2], device=index.device) < index.column_count[..., None]
+    sig = torch.cat([torch.where(r_ok, index.range_start, -1).view(h, -1),
+                     torch.where(r_ok, index.range_end, -1).view(h, -1),
+                     torch.where(c_ok, index.columns, -1).view(h, -1)], 1)
+    sets: list[list[int]] = []
+    for g in range(h // group):
+        reps: list[list[int]] = []
+        for hh in range(g * group, (g + 1) * group):
+            same = next((s for s in reps if torch.equal(sig[s[0]], sig[hh])), None)
+            if same is None:
+                reps.append([hh])
+            else:
+                same.append(hh)
+        sets.extend(reps)
+    return sets
+
+
+def plan_heads(index: SparseIndex, heads: list[int], group: int, avail: torch.Tensor,
+               dense: torch.Tensor, allow_dense: bool) -> HeadPlan:
+    """Classify the rows of one head set (rows of ``avail``/``dense`` for its first head)."""
+    h0 = heads[0]
+    bs, _ = block_bounds(index)
+    nqb = index.num_q_blocks
+    a, dn = avail[h0], dense[h0]
+    j = int(torch.cumprod(dn.long(), 0).sum()) if allow_dense else 0
+    rest = a[j:]
+    rest = rest[rest >= 0]
+    band = int(torch.mode(rest).values) if rest.numel() else 0
+    after = torch.arange(nqb, device=a.device) >= j
+    regular = after & (a >= band)
+    short = after & (a >= 0) & (a < band)
+    broken = after & (a < 0)
+    far_start = torch.where(regular, bs - band, torch.where(after, bs, 0))
+    return HeadPlan(heads, h0 // group, j, band, regular, short, broken, far_start)
+
+
+def band_chunk(band: int, rows: int, stacked: int, block_m: int) -> int:
+    """Blocks per near call: wider chunks share K/V among more queries but read keys that only
+    the chunk's first blocks need (``band + chunk`` keys per query)."""
+    best, best_cost = 1, None
+    k = 1
+    while k <= max(1, rows) and k <= 16:
+        cost = (band + k * block_m) * pair_cost(stacked * k * block_m)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = k, cost
+        k *= 2
+    return best
+
+
+def _keys_below(rs, re, rc, cs, cc, x):
+    """``[n, P]``: how many of each row's keys lie below ``x [n, P]`` (ranges sorted, disjoint)."""
+    r_ok = torch.arange(rs.shape[1], device=rs.device) < rc[:, None]
+    cum = torch.cumsum(torch.where(r_ok, re - rs, 0), 1)
+    i = torch.searchsorted(torch.where(r_ok, rs, BIG).contiguous(), x, right=False)  # ranges starting below x
+    prev = (i - 1).clamp(min=0)
+    in_r = torch.where(i > 0, torch.gather(cum, 1, prev) - (torch.gather(re, 1, prev) - x).clamp(min=0), 0)
+    c_ok = torch.arange(cs.shape[1], device=cs.device) < cc[:, None]
+    in_c = torch.searchsorted(torch.where(c_ok, cs, BIG).contiguous(), x, right=False)
+    return in_r + in_c
+
+
+def row_tensors(index: SparseIndex, head: int, rows: torch.Tensor):
+    """The ranges and columns of ``rows`` of ``head`` as long tensors ``rs, re, rc, cs, cc``."""
+    return (index.range_start[head, rows].long(), index.range_end[head, rows].long(),
+            index.range_count[head, rows].long(), index.columns[head, rows].long(),
+            index.column_count[head, rows].long())
+
+
+def far_chunk(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor,
+              stacked: int, key_bytes: int) -> int:
+    """Rows per far call for ``rows`` (their far keys lie below ``far_start [n]``), from the
+    estimated union sizes: the union over a chunk of a 64-key tile is taken as the largest count
+    any of its rows keeps there (exact for shared columns, sinks, shards and aligned blocks)."""
+    n, bm = rows.shape[0], index.block_m
+    if n <= 1:
+        return 1
+    nkb = -(-int(far_start.max()) // 64)
+    if nkb == 0:
+        return 1
+    rs, re, rc, cs, cc = row_tensors(index, head, rows)
+    x = torch.minimum(torch.arange(nkb + 1, device=rows.device)[None, :] * 64, far_start[:, None])
+    counts = torch.diff(_keys_below(rs, re, rc, cs, cc, x.contiguous()), dim=1)  # [n, NKB]
+    gather = GATHER_COST * key_bytes / 256
+    best, best_cost, k = 1, None, 1
+    while k in FAR_CHUNKS and k <= n:
+        pad = -n % k
+        grouped = torch.nn.functional.pad(counts, (0, 0, 0, pad)).view(-1, k, nkb)
+        union = float(grouped.amax(1).sum())
+        m = stacked * k * bm
+        cost = union * (m * (pair_cost(m) + (MASK_COST if k > 1 else 0.0)) + gather)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = k, cost
+        k *= 2
+    return best
+
+
+def expand_segments(seg_start: torch.Tensor, seg_len: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded lists of the integers covered by segments ``[start, start + len)`` per row.
+
+    seg_start, seg_len: ``[n, G]`` long. Returns values ``[n, length]`` (BIG in padding) and valid
+    ``[n, length]``. Slot j of a row falls in the segment whose running end first exceeds j.
+    """
+    ends = torch.cumsum(seg_len, dim=1)  # [n, G]
+    slots = torch.arange(length, device=seg_len.device).expand(seg_len.shape[0], length).contiguous()
+    seg = torch.searchsorted(ends, slots, right=True).clamp(max=seg_len.shape[1] - 1)  # [n, L]
+    val = torch.gather(seg_start, 1, seg) + (slots - torch.gather(ends - seg_len, 1, seg))
+    valid = slots < ends[:, -1:]
+    return torch.where(valid, val, BIG), valid
+
+
+def _union_ranges(s: torch.Tensor, e: torch.Tensor, ok: torch.Tensor):
+    """Union of the intervals ``[s, e)`` of each row (``ok`` marks real ones): sorted, disjoint
+    ``(start, length)`` pairs ``[n, N]`` (length 0 in padding)."""
+    ok = ok & (e > s)
+    s = torch.where(ok, s, BIG)
+    s, order = torch.sort(s, dim=1)
+    e = torch.gather(torch.where(ok, e, -1), 1, order)
+    ok = torch.gather(ok, 1, order)
+    reach = torch.cummax(e, dim=1).values
+    prev = torch.nn.functional.pad(reach[:, :-1], (1, 0), value=-1)
+    opens = ok & (s > prev)  # an interval starting past everything so far opens a new range
+    n_open = opens.sum(1)
+    grp = torch.where(ok, torch.cumsum(opens.long(), 1) - 1, s.shape[1])
+    width = s.shape[1] + 1
+    start = torch.zeros(s.shape[0], width, dtype=torch.long, device=s.device)
+    start.scatter_(1, torch.where(opens, grp, s.shape[1]), torch.where(opens, s, 0))
+    end = torch.full((s.shape[0], width), -1, dtype=torch.long, device=s.device)
+    end.scatter_reduce_(1, grp, torch.where(ok, e, -1), reduce="amax")
+    live = torch.arange(s.shape[1], device=s.device) < n_open[:, None]
+    return torch.where(live, start[:, :-1], 0), torch.where(live, end[:, :-1] - start[:, :-1], 0)
+
+
+def far_keys(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor, k: int):
+    """Key positions read by far items of ``k`` consecutive ``rows`` each, and who sees them.
+
+    Returns ``pos [n_items, U]`` (sorted; BIG in padding), ``member [n_items, k, U]`` bool (key in
+    that row's far set; False for rows past the end of the list) and ``item_rows [n_items, k]``
+    (-1 for missing rows).
+    """
+    dev = rows.device
+    n = rows.shape[0]
+    pad = -n % k
+    item_rows = torch.nn.functional.pad(rows, (0, pad), value=-1).view(-1, k)
+    rs, re, rc, cs, cc = row_tensors(index, head, rows)
+    start = far_start[:, None]
+    r_ok = (torch.arange(rs.shape[1], device=dev) < rc[:, None]) & (rs < start)
+    re_c = torch.minimum(re, start)
+    c_ok = (torch.arange(cs.shape[1], device=dev) < cc[:, None]) & (cs < start)
+
+    def per_item(t: torch.Tensor, fill) -> torch.Tensor:  # [n, W] -> [n_items, k * W]
+        return torch.nn.functional.pad(t, (0, 0, 0, pad), value=fill).reshape(-1, k * t.shape[1])
+
+    u_start, u_len = _union_ranges(per_item(rs, 0), per_item(re_c, 0), per_item(r_ok, False))
+    r_pos, _ = expand_segments(u_start, u_len, max(1, int(u_len.sum(1).max())))
+    cols = torch.sort(per_item(torch.where(c_ok, cs, BIG), BIG), dim=1).values
+    dup = torch.zeros_like(cols, dtype=torch.bool)
+    dup[:, 1:] = cols[:, 1:] == cols[:, :-1]
+    n_u = (u_len > 0).sum(1)
+    inside = _in_ranges(cols, u_start, u_start + u_len, n_u)
+    cols = torch.where(dup | inside, BIG, cols)
+    pos = torch.cat([r_pos, cols], 1)
+    if bool((cols < BIG).any()):
+        pos = torch.sort(pos, dim=1).values
+    width = max(1, int((pos < BIG).sum(1).max()))
+    pos = pos[:, :width]
+    if k == 1:
+        return pos, (pos < BIG)[:, None, :], item_rows
+    # membership of each union key in each row's own far set
+    flat = pos[:, None, :].expand(-1, k, -1).reshape(-1, width)  # [n_items * k, U]
+    sel = torch.nn.functional.pad(torch.arange(n, device=dev), (0, pad), value=0)
+    rs_i, re_i, rc_i = rs[sel], re_c[sel], torch.where(r_ok, 1, 0)[sel].sum(1)
+    member = _in_ranges(flat, rs_i, re_i, rc_i)
+    c_sorted = torch.where(c_ok, cs, BIG)[sel]
+    hit = torch.searchsorted(c_sorted.contiguous(), flat.contiguous()).clamp(max=c_sorted.shape[1] - 1)
+    member |= torch.gather(c_sorted, 1, hit) == flat
+    member &= (item_rows.reshape(-1, 1) >= 0) & (flat < BIG)
+    return pos, member.view(-1, k, width), item_rows
+
+
+def _in_ranges(pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``[n, L]`` bool: pos inside one of the first ``count`` sorted disjoint ranges of its row
+    (ranges past ``count`` must not start before the live ones: they are ignored)."""
+    slot = torch.arange(start.shape[1], device=pos.device)
+    st = torch.where(slot < count[:, None], start, BIG)
+    r = torch.searchsorted(st.contiguous(), pos.contiguous(), right=True) - 1
+    return (r >= 0) & (pos < torch.gather(end, 1, r.clamp(min=0)))
