@@ -138,10 +138,12 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
 # -------------------------------------------------------------------------- scoring
 @dataclass
 class LayerScore:
-    """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``."""
+    """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``, and
+    the row sample they were measured on (the decode scorer reuses its probabilities)."""
 
     mass: np.ndarray
     density: np.ndarray
+    sample: RowSample | None = None
 
 
 def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternModel], *, layer_heads: int,
@@ -169,7 +171,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
         mass[:, c] = kept_mass(index, sample).mean(-1).numpy()
         for h in range(hq):
             density[h, c] = fast_density(index.select_heads([h]))
-    return LayerScore(mass, density)
+    return LayerScore(mass, density, sample)
 
 
 @dataclass
@@ -318,49 +320,3 @@ def default_candidates(max_len: int, sink: int = 64) -> list[PatternModel]:
     out += [Strided(local_blocks=lb, vert_stride=vs) for lb, vs in ((2, 8), (4, 8), (2, 4))]
     out += [ElasticWindow(sink=sink, alpha=a, beta=b) for a in (0, r64(max_len / 8)) for b in (0.125, 0.25)]
     return list(dict.fromkeys(out))  # small lengths can make two budgets equal
-
-
-# ---------------------------------------------------------------------- decode
-DECODE_MODES = ("auto", "tidal", "matched", "dense")
-
-
-def default_select_layers(num_layers: int, first: int = 2, selections: int = 4) -> list[int]:
-    """TidalDecode selection layers: ``first`` (layers before it decode densely), then re-selections
-    spread evenly over the rest. The paper re-selects once on a 32-layer Llama-3-8B; a 135M model
-    drifts faster between layers (SmolLM2 lost passkeys with 2 selections at top-128, kept them
-    with 4), hence 4 by default."""
-    if num_layers <= first:
-        return []
-    step = max(1, -(-(num_layers - first) // max(1, selections)))
-    return list(range(first, num_layers, step))
-
-
-def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], mode: str = "auto",
-               top_k: int | None = None) -> PatternModel:
-    """The decode spec of one head, given its prefill spec and the TidalDecode schedule.
-
-    * window-like prefill (``a_shape``, ``elastic_window``, ``strided``) keeps the same span in
-      decode (``auto``/``matched``): the profile measured that span on the answer rows;
-    * other heads follow TidalDecode (``auto``/``tidal``): dense before the first selection
-      layer, ``select`` on selection layers (every head of such a layer selects, so a later
-      ``reuse`` always has a pick), ``reuse`` elsewhere; ``matched`` keeps them dense.
-    """
-    from .dense import Dense
-    from .tidal import Tidal
-    from .window import Window
-
-    if mode not in DECODE_MODES:
-        raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
-    if mode == "dense":
-        return Dense()
-    tidal_on = mode in ("auto", "tidal") and bool(select_layers)
-    if tidal_on and layer in select_layers:
-        return Tidal(role="select", top_k=top_k)
-    if mode in ("auto", "matched"):
-        if prefill.type == "a_shape":
-            return Window(sink=prefill.sink, window=prefill.window)
-        if prefill.type in ("elastic_window", "strided"):
-            return prefill
-    if tidal_on and layer > min(select_layers):
-        return Tidal(role="reuse", top_k=top_k)
-    return Dense()

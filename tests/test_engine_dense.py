@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from engine_util import PLANS, agreeing_prefix, chat_prompt, engine, greedy, prompt_logprob_diffs
+from engine_util import (PLANS, agreeing_prefix, chat_prompt, engine, greedy, logprob_noise_ok,
+                         prompt_logprob_diffs)
 
 pytestmark = pytest.mark.engine
 
@@ -57,16 +58,13 @@ def test_greedy_tokens_match_stock_up_to_near_ties(runs):
         assert mismatch is None, (f"token {mismatch} differs with no near-tie: stock {stock.outputs[0].text!r} "
                                   f"vs headwise {hw.outputs[0].text!r}")
         compared += n
-    assert compared >= 2 * GEN  # the comparison is not vacuous (ties cut it short rarely)
+    assert compared >= 3 * GEN  # not vacuous: most outputs agree throughout
 
 
 def test_prompt_logprobs_match_stock(runs):
     diffs = [d for s, h in zip(runs["stock"], runs["hw"]) for d in prompt_logprob_diffs(s, h)]
     assert len(diffs) > 1500
-    # bf16 model, two correct attention implementations (stock AMX kernel vs torch, chunked here):
-    # seen mean ~0.01 and max ~0.17 nats; 3x / 2x margins
-    assert sum(diffs) / len(diffs) < 0.03
-    assert max(diffs) < 0.35
+    assert logprob_noise_ok(diffs), sorted(diffs)[-10:]
 
 
 def test_passkey_answered_in_chunks_and_from_the_prefix_cache(runs):

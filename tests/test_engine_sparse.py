@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from engine_util import PLANS, agreeing_prefix, chat_prompt, engine, greedy, prompt_logprob_diffs
+from engine_util import (PLANS, agreeing_prefix, chat_prompt, engine, greedy, logprob_noise_ok,
+                         prompt_logprob_diffs)
 
 pytestmark = pytest.mark.engine
 
@@ -77,7 +78,5 @@ def test_static_plan_chunked_equals_whole(static_runs):
         assert mismatch is None, f"{whole.outputs[0].text!r} vs {chunked.outputs[0].text!r}"
         compared += n
         diffs = prompt_logprob_diffs(whole, chunked)
-        # same torch path, softmax split differently across chunks in bf16: far below the
-        # stock-vs-headwise differences (see test_engine_dense)
-        assert sum(diffs) / len(diffs) < 0.03 and max(diffs) < 0.35
-    assert compared >= 8
+        assert logprob_noise_ok(diffs), sorted(diffs)[-10:]
+    assert compared >= 16
