@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from .attention_torch import dense_attention_lse, flash, fused_cpu_ok, merge_partials
+from .attention_torch import dense_attention_lse, flash, fused_cpu_ok
 from .index import SparseIndex
-from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_chunk, far_keys, head_sets,
-                           own_range, plan_heads, row_tensors, _in_ranges, _keys_below)
+from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_keys, head_sets, in_ranges, keys_below,
+                           own_range, plan_heads, row_tensors)
 
 PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
 _NEG_INF = float("-inf")
@@ -86,18 +86,24 @@ class _Out:
     def merge(self, heads: list[int], rows: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
         """Fold another part over disjoint keys into the cells (same shapes as ``write``)."""
         views, idx = self._cells(heads, rows)
-        if views is not None:
-            new_o, new_l = merge_partials(views[0], views[1], o, lse)
-            views[0].copy_(new_o)
-            views[1].copy_(new_l)
-            return
-        o_idx, l_idx, keep = idx
-        d = o.shape[-1]
-        flat_o, flat_l = self.o.view(-1, d), self.lse.view(-1)
-        new_o, new_l = merge_partials(flat_o.index_select(0, o_idx), flat_l.index_select(0, l_idx),
-                                      o.reshape(-1, d)[keep], lse.reshape(-1)[keep])
-        flat_o.index_copy_(0, o_idx, new_o.to(self.o.dtype))
-        flat_l.index_copy_(0, l_idx, new_l)
+        if views is None:
+            o_idx, l_idx, keep = idx
+            d = o.shape[-1]
+            flat_o, flat_l = self.o.view(-1, d), self.lse.view(-1)
+            cur_o, cur_l = flat_o.index_select(0, o_idx), flat_l.index_select(0, l_idx)
+            o, lse = o.reshape(-1, d)[keep], lse.reshape(-1)[keep]
+        else:
+            cur_o, cur_l = views
+        new_l = torch.logaddexp(cur_l, lse)
+        safe = torch.where(torch.isinf(new_l), 0.0, new_l)
+        new_o = torch.mul(cur_o, torch.exp(cur_l - safe)[..., None])  # fp32
+        new_o.addcmul_(o, torch.exp(lse - safe)[..., None])
+        if views is None:
+            flat_o.index_copy_(0, o_idx, new_o.to(self.o.dtype))
+            flat_l.index_copy_(0, l_idx, new_l)
+        else:
+            cur_o.copy_(new_o)
+            cur_l.copy_(new_l)
 
     def write_span(self, heads: list[int], o: torch.Tensor, lse: torch.Tensor) -> None:
         """o ``[S, T, D]`` / lse ``[S, T]`` for heads ``S`` at the first T query rows."""
@@ -152,12 +158,16 @@ def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
-    """Regular rows: the band ``[bs - b, be)`` of every block, causal, read as strided windows."""
-    rows = torch.nonzero(p.regular).view(-1)
-    if rows.numel() == 0:
-        return
-    bm, b, s = index.block_m, p.band, len(p.heads)
+def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], scale: float) -> None:
+    """Regular rows: the band ``[bs - b, be)`` of every block, causal, read as strided windows.
+    ``plans`` share a KV head and a band width, so the rows regular in all of them run with
+    every head stacked (more queries per key list); the others run per plan."""
+    common = plans[0].regular.clone()
+    for p in plans[1:]:
+        common &= p.regular
+    heads = sorted(h for p in plans for h in p.heads)
+    bm, b, s, g = index.block_m, plans[0].band, len(heads), plans[0].kv_head
+    rows = torch.nonzero(common).view(-1)
     k = band_chunk(b, rows.numel(), s, bm)
     leftover: list[int] = []
     for r0, r1 in _runs(rows):
@@ -174,29 +184,32 @@ def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: fl
             c0 = r0 + i0 * k  # first block of the call
             first = index.q_offset + c0 * bm - b
             items = torch.arange(c0, c0 + n * k, device=qp.device).view(n, k)
-            o, l = flash(_stack(_q_rows(qp, p.heads, items, bm)),
-                         _windows(kh, p.kv_head, first, n, b + m, m), _windows(vh, p.kv_head, first, n, b + m, m),
-                         bias, scale=scale)
-            acc.write(p.heads, items, o.view(n, s, m, -1), l.reshape(n, s, m))
+            o, l = flash(_stack(_q_rows(qp, heads, items, bm)),
+                         _windows(kh, g, first, n, b + m, m), _windows(vh, g, first, n, b + m, m), bias, scale=scale)
+            acc.write(heads, items, o.view(n, s, m, -1), l.reshape(n, s, m))
     if leftover:
-        _near_rows(acc, qp, kh, vh, index, p, torch.tensor(leftover, device=qp.device), b, scale)
+        _near_rows(acc, qp, kh, vh, index, heads, g, torch.tensor(leftover, device=qp.device), b, scale)
+    for p in plans:
+        own = torch.nonzero(p.regular & ~common).view(-1)
+        if own.numel():
+            _near_rows(acc, qp, kh, vh, index, p.heads, g, own, b, scale)
 
 
-def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, b: int,
+def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: int, rows: torch.Tensor, b: int,
                scale: float, bias: torch.Tensor | None = None) -> None:
     """Rows (a 1-d tensor of blocks) over their windows ``[bs - b, bs + bm)``, one block per item:
     with the shared band mask, or causal when ``b`` is 0, or under a per-row ``bias [n, 1, bm, bm]``."""
-    bm, s = index.block_m, len(p.heads)
+    bm, s = index.block_m, len(heads)
     first_row = int(rows.min())
     span = int(rows.max()) - first_row + 1
     first = index.q_offset + first_row * bm - b
-    kw = _windows(kh, p.kv_head, first, span, b + bm, bm)
-    vw = _windows(vh, p.kv_head, first, span, b + bm, bm)
+    kw = _windows(kh, g, first, span, b + bm, bm)
+    vw = _windows(vh, g, first, span, b + bm, bm)
     if span != rows.numel():  # not consecutive: gather the windows (few rows)
         kw, vw = kw[rows - first_row], vw[rows - first_row]
-    q = _q_rows(qp, p.heads, rows[:, None], bm)  # [n, S, bm, D]
+    q = _q_rows(qp, heads, rows[:, None], bm)  # [n, S, bm, D]
+    n = rows.numel()
     if bias is None and b == 0:  # diagonal block only: the kernel's own causal mask
-        n = rows.numel()
         o, l = flash(q, kw.expand(n, s, bm, -1), vw.expand(n, s, bm, -1), causal=True, scale=scale)
     else:
         if bias is None:
@@ -204,15 +217,14 @@ def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: tor
         elif s > 1:
             bias = bias.repeat(1, 1, s, 1)
         o, l = flash(_stack(q), kw, vw, bias, scale=scale)
-    n = rows.numel()
-    acc.write(p.heads, rows[:, None], o.view(n, s, bm, -1), l.reshape(n, s, bm))
+    acc.write(heads, rows[:, None], o.view(n, s, bm, -1), l.reshape(n, s, bm))
 
 
 def _near_diag(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
     """Short rows: the diagonal block, causal. Broken rows: the diagonal block under the index."""
     short = torch.nonzero(p.short).view(-1)
     if short.numel():
-        _near_rows(acc, qp, kh, vh, index, p, short, 0, scale)
+        _near_rows(acc, qp, kh, vh, index, p.heads, p.kv_head, short, 0, scale)
     broken = torch.nonzero(p.broken).view(-1)
     if broken.numel() == 0:
         return
@@ -220,13 +232,13 @@ def _near_diag(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: fl
     bs, _ = block_bounds(index)
     pos = bs[broken, None] + torch.arange(bm, device=qp.device)  # [n, bm] the block's own positions
     rs, re, rc, cs, cc = row_tensors(index, p.heads[0], broken)
-    member = _in_ranges(pos, rs, re, rc)
+    member = in_ranges(pos, rs, re, rc)
     c_ok = torch.where(torch.arange(cs.shape[1], device=cs.device) < cc[:, None], cs, BIG)
     hit = torch.searchsorted(c_ok.contiguous(), pos.contiguous()).clamp(max=cs.shape[1] - 1)
     member |= torch.gather(c_ok, 1, hit) == pos
     allowed = member[:, None, :] & torch.ones(bm, bm, dtype=torch.bool, device=pos.device).tril()[None]
     bias = torch.zeros(allowed.shape, dtype=qp.dtype, device=qp.device).masked_fill_(~allowed, _NEG_INF)
-    _near_rows(acc, qp, kh, vh, index, p, broken, 0, scale, bias[:, None])
+    _near_rows(acc, qp, kh, vh, index, p.heads, p.kv_head, broken, 0, scale, bias[:, None])
     # a query that keeps no key of its own block: no near part
     none = ~allowed.any(-1)  # [n, bm]
     if bool(none.any()):
@@ -242,36 +254,27 @@ def _far(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -
     if cand.numel() == 0:
         return
     rs, re, rc, cs, cc = row_tensors(index, p.heads[0], cand)
-    n_far = _keys_below(rs, re, rc, cs, cc, p.far_start[cand, None].contiguous())[:, 0]
+    n_far = keys_below(rs, re, rc, cs, cc, p.far_start[cand, None].contiguous())[:, 0]
     rows = cand[n_far > 0]
     if rows.numel() == 0:
         return
     bm, s, d = index.block_m, len(p.heads), qp.shape[2]
-    start = p.far_start[rows]
-    k = far_chunk(index, p.heads[0], rows, start, s, 2 * d * qp.element_size())
-    pos, member, item_rows = far_keys(index, p.heads[0], rows, start, k)
+    pos = far_keys(index, p.heads[0], rows, p.far_start[rows])  # [n, U]
     width = (pos < BIG).sum(1).tolist()
-    m = s * k * bm
     s_pad = kh.shape[1]
     k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)
-    for i, j, w in _in_order(width, max(1, PAIR_BUDGET // m)):
+    for i, j, w in _in_order(width, max(1, PAIR_BUDGET // (s * bm))):
         n = j - i
         ps = pos[i:j, :w]
-        kv_id = (p.kv_head * s_pad + torch.where(ps < BIG, ps, 0)).view(-1)
+        ok = ps < BIG
+        kv_id = (p.kv_head * s_pad + torch.where(ok, ps, 0)).view(-1)
         kg = k_flat.index_select(0, kv_id).view(n, 1, w, d)
         vg = v_flat.index_select(0, kv_id).view(n, 1, w, d)
-        mem = member[i:j, :, :w]  # [n, k, w]
-        keep = torch.zeros(mem.shape, dtype=qp.dtype, device=qp.device).masked_fill_(~mem, _NEG_INF)
-        if k == 1:
-            bias = keep[:, None]  # [n, 1, 1, w]: every query of the row sees the same keys
-        else:
-            bias = keep[:, None, :, None, :].expand(n, s, k, bm, w).reshape(n, 1, m, w)
-        rows_i = item_rows[i:j]
+        # every query of a row sees the row's far keys: one key mask per row, padding off
+        bias = torch.zeros(n, 1, 1, w, dtype=qp.dtype, device=qp.device).masked_fill_(~ok[:, None, None], _NEG_INF)
+        rows_i = rows[i:j, None]
         o, l = flash(_stack(_q_rows(qp, p.heads, rows_i, bm)), kg, vg, bias, scale=scale)
-        l = l.reshape(n, s, k, bm)
-        if k > 1:  # a row of the item with none of the union's keys: no far part
-            l = torch.where(mem.any(-1).view(n, 1, k, 1), l, _NEG_INF)
-        acc.merge(p.heads, rows_i, o.view(n, s, k * bm, d), l.view(n, s, k * bm))
+        acc.merge(p.heads, rows_i, o.view(n, s, bm, d), l.reshape(n, s, bm))
 
 
 def _in_order(width: list[int], budget: int):
@@ -288,6 +291,13 @@ def _in_order(width: list[int], budget: int):
         i = j
 
 
+def _grouped(plans: list[HeadPlan], key) -> dict:
+    out: dict = {}
+    for p in plans:
+        out.setdefault(key(p), []).append(p)
+    return out
+
+
 def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: SparseIndex, scale: float):
     """q: ``[Tq, Hq, D]``; kh, vh: ``[Hkv, S_pad, D]`` contiguous, zero beyond the sequence, with
     ``S_pad >= q_offset + NQB * block_m``. Returns out ``[Tq, Hq, D]`` in q's dtype and lse
@@ -300,15 +310,20 @@ def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: Sp
     qp = q if tq == t_pad else torch.nn.functional.pad(q, (0, 0, 0, 0, 0, t_pad - tq))  # [T_pad, Hq, D]
     acc = _Out(t_pad, hq, d, q.dtype, q.device, bm)
     avail, dense = own_range(index)
-    for heads in head_sets(index, group):
-        p = plan_heads(index, heads, group, avail, dense, allow_dense=fused_cpu_ok(q))
-        if p.dense_rows:
-            tj = min(p.dense_rows * bm, tq)
+    plans = [plan_heads(index, heads, group, avail, dense, allow_dense=fused_cpu_ok(q))
+             for heads in head_sets(index, group)]
+    # plans of one KV head with the same dense prefix / band width run those parts together
+    for (g, rows), ps in _grouped(plans, lambda p: (p.kv_head, p.dense_rows)).items():
+        if rows:
+            heads = sorted(h for p in ps for h in p.heads)
+            tj = min(rows * bm, tq)
             qg = q[:tj, heads].transpose(0, 1)  # [S, Tj, D]
-            o, l = dense_attention_lse(qg, kh[p.kv_head, : index.q_offset + tj], vh[p.kv_head, : index.q_offset + tj],
+            o, l = dense_attention_lse(qg, kh[g, : index.q_offset + tj], vh[g, : index.q_offset + tj],
                                        index.q_offset, scale)
             acc.write_span(heads, o, l)
-        _near_band(acc, qp, kh, vh, index, p, scale)
+    for ps in _grouped(plans, lambda p: (p.kv_head, p.band)).values():
+        _near_band(acc, qp, kh, vh, index, ps, scale)
+    for p in plans:
         _near_diag(acc, qp, kh, vh, index, p, scale)
         _far(acc, qp, kh, vh, index, p, scale)
     return acc.o[:tq], acc.lse[:, :tq]

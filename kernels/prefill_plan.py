@@ -29,9 +29,6 @@ from .attention_torch import pair_cost
 from .index import SparseIndex
 
 BIG = 2**62  # sorts after every position: marks padding
-MASK_COST = 0.15  # relative cost of writing one element of a materialised mask (ns, as pair_cost)
-GATHER_COST = 100.0  # relative cost of gathering one key's K and V rows (D = 64, bf16)
-FAR_CHUNKS = (1, 2, 4, 8, 16, 32, 64)  # candidate numbers of blocks sharing one far key list
 
 
 @dataclass
@@ -128,7 +125,7 @@ def band_chunk(band: int, rows: int, stacked: int, block_m: int) -> int:
     return best
 
 
-def _keys_below(rs, re, rc, cs, cc, x):
+def keys_below(rs, re, rc, cs, cc, x):
     """``[n, P]``: how many of each row's keys lie below ``x [n, P]`` (ranges sorted, disjoint)."""
     r_ok = torch.arange(rs.shape[1], device=rs.device) < rc[:, None]
     cum = torch.cumsum(torch.where(r_ok, re - rs, 0), 1)
@@ -147,34 +144,6 @@ def row_tensors(index: SparseIndex, head: int, rows: torch.Tensor):
             index.column_count[head, rows].long())
 
 
-def far_chunk(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor,
-              stacked: int, key_bytes: int) -> int:
-    """Rows per far call for ``rows`` (their far keys lie below ``far_start [n]``), from the
-    estimated union sizes: the union over a chunk of a 64-key tile is taken as the largest count
-    any of its rows keeps there (exact for shared columns, sinks, shards and aligned blocks)."""
-    n, bm = rows.shape[0], index.block_m
-    if n <= 1:
-        return 1
-    nkb = -(-int(far_start.max()) // 64)
-    if nkb == 0:
-        return 1
-    rs, re, rc, cs, cc = row_tensors(index, head, rows)
-    x = torch.minimum(torch.arange(nkb + 1, device=rows.device)[None, :] * 64, far_start[:, None])
-    counts = torch.diff(_keys_below(rs, re, rc, cs, cc, x.contiguous()), dim=1)  # [n, NKB]
-    gather = GATHER_COST * key_bytes / 256
-    best, best_cost, k = 1, None, 1
-    while k in FAR_CHUNKS and k <= n:
-        pad = -n % k
-        grouped = torch.nn.functional.pad(counts, (0, 0, 0, pad)).view(-1, k, nkb)
-        union = float(grouped.amax(1).sum())
-        m = stacked * k * bm
-        cost = union * (m * (pair_cost(m) + (MASK_COST if k > 1 else 0.0)) + gather)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = k, cost
-        k *= 2
-    return best
-
-
 def expand_segments(seg_start: torch.Tensor, seg_len: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded lists of the integers covered by segments ``[start, start + len)`` per row.
 
@@ -189,76 +158,31 @@ def expand_segments(seg_start: torch.Tensor, seg_len: torch.Tensor, length: int)
     return torch.where(valid, val, BIG), valid
 
 
-def _union_ranges(s: torch.Tensor, e: torch.Tensor, ok: torch.Tensor):
-    """Union of the intervals ``[s, e)`` of each row (``ok`` marks real ones): sorted, disjoint
-    ``(start, length)`` pairs ``[n, N]`` (length 0 in padding)."""
-    ok = ok & (e > s)
-    s = torch.where(ok, s, BIG)
-    s, order = torch.sort(s, dim=1)
-    e = torch.gather(torch.where(ok, e, -1), 1, order)
-    ok = torch.gather(ok, 1, order)
-    reach = torch.cummax(e, dim=1).values
-    prev = torch.nn.functional.pad(reach[:, :-1], (1, 0), value=-1)
-    opens = ok & (s > prev)  # an interval starting past everything so far opens a new range
-    n_open = opens.sum(1)
-    grp = torch.where(ok, torch.cumsum(opens.long(), 1) - 1, s.shape[1])
-    width = s.shape[1] + 1
-    start = torch.zeros(s.shape[0], width, dtype=torch.long, device=s.device)
-    start.scatter_(1, torch.where(opens, grp, s.shape[1]), torch.where(opens, s, 0))
-    end = torch.full((s.shape[0], width), -1, dtype=torch.long, device=s.device)
-    end.scatter_reduce_(1, grp, torch.where(ok, e, -1), reduce="amax")
-    live = torch.arange(s.shape[1], device=s.device) < n_open[:, None]
-    return torch.where(live, start[:, :-1], 0), torch.where(live, end[:, :-1] - start[:, :-1], 0)
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Move each row's kept values to its front (order kept), BIG after them; trimmed to the
+    longest row. A scatter, not a sort: attention does not care about key order."""
+    n, w = values.shape
+    slot = torch.where(keep, torch.cumsum(keep.long(), 1) - 1, w)
+    out = torch.full((n, w + 1), BIG, dtype=torch.long, device=values.device)
+    out.scatter_(1, slot, torch.where(keep, values, BIG))
+    return out[:, : max(1, int(keep.sum(1).max()))]
 
 
-def far_keys(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor, k: int):
-    """Key positions read by far items of ``k`` consecutive ``rows`` each, and who sees them.
-
-    Returns ``pos [n_items, U]`` (sorted; BIG in padding), ``member [n_items, k, U]`` bool (key in
-    that row's far set; False for rows past the end of the list) and ``item_rows [n_items, k]``
-    (-1 for missing rows).
-    """
+def far_keys(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor) -> torch.Tensor:
+    """``[n, U]`` positions of each row's keys below ``far_start [n]`` (ranges expanded, then
+    columns; BIG in padding). Rows are read one block at a time: measured on the CPU, reading the
+    union of several blocks' far keys under a membership mask never paid for its extra work."""
     dev = rows.device
-    n = rows.shape[0]
-    pad = -n % k
-    item_rows = torch.nn.functional.pad(rows, (0, pad), value=-1).view(-1, k)
     rs, re, rc, cs, cc = row_tensors(index, head, rows)
     start = far_start[:, None]
     r_ok = (torch.arange(rs.shape[1], device=dev) < rc[:, None]) & (rs < start)
-    re_c = torch.minimum(re, start)
+    seg_len = torch.where(r_ok, torch.minimum(re, start) - rs, 0)
+    r_pos, r_valid = expand_segments(torch.where(r_ok, rs, 0), seg_len, max(1, int(seg_len.sum(1).max())))
     c_ok = (torch.arange(cs.shape[1], device=dev) < cc[:, None]) & (cs < start)
-
-    def per_item(t: torch.Tensor, fill) -> torch.Tensor:  # [n, W] -> [n_items, k * W]
-        return torch.nn.functional.pad(t, (0, 0, 0, pad), value=fill).reshape(-1, k * t.shape[1])
-
-    u_start, u_len = _union_ranges(per_item(rs, 0), per_item(re_c, 0), per_item(r_ok, False))
-    r_pos, _ = expand_segments(u_start, u_len, max(1, int(u_len.sum(1).max())))
-    cols = torch.sort(per_item(torch.where(c_ok, cs, BIG), BIG), dim=1).values
-    dup = torch.zeros_like(cols, dtype=torch.bool)
-    dup[:, 1:] = cols[:, 1:] == cols[:, :-1]
-    n_u = (u_len > 0).sum(1)
-    inside = _in_ranges(cols, u_start, u_start + u_len, n_u)
-    cols = torch.where(dup | inside, BIG, cols)
-    pos = torch.cat([r_pos, cols], 1)
-    if bool((cols < BIG).any()):
-        pos = torch.sort(pos, dim=1).values
-    width = max(1, int((pos < BIG).sum(1).max()))
-    pos = pos[:, :width]
-    if k == 1:
-        return pos, (pos < BIG)[:, None, :], item_rows
-    # membership of each union key in each row's own far set
-    flat = pos[:, None, :].expand(-1, k, -1).reshape(-1, width)  # [n_items * k, U]
-    sel = torch.nn.functional.pad(torch.arange(n, device=dev), (0, pad), value=0)
-    rs_i, re_i, rc_i = rs[sel], re_c[sel], torch.where(r_ok, 1, 0)[sel].sum(1)
-    member = _in_ranges(flat, rs_i, re_i, rc_i)
-    c_sorted = torch.where(c_ok, cs, BIG)[sel]
-    hit = torch.searchsorted(c_sorted.contiguous(), flat.contiguous()).clamp(max=c_sorted.shape[1] - 1)
-    member |= torch.gather(c_sorted, 1, hit) == flat
-    member &= (item_rows.reshape(-1, 1) >= 0) & (flat < BIG)
-    return pos, member.view(-1, k, width), item_rows
+    return _compact(torch.cat([r_pos, cs], 1), torch.cat([r_valid, c_ok], 1))
 
 
-def _in_ranges(pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def in_ranges(pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``[n, L]`` bool: pos inside one of the first ``count`` sorted disjoint ranges of its row
     (ranges past ``count`` must not start before the live ones: they are ignored)."""
     slot = torch.arange(start.shape[1], device=pos.device)

@@ -100,6 +100,7 @@ class RowSample:
     rows: torch.Tensor
     probs: torch.Tensor
     prefix: torch.Tensor
+    block_m: int = 64
 
     @classmethod
     def from_qk(cls, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, n_blocks: int = 4,
@@ -109,7 +110,7 @@ class RowSample:
         rows = block_rows(blocks, q.shape[0], block_m).to(q.device)
         probs = estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
         prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
-        return cls(blocks, rows, probs, prefix)
+        return cls(blocks, rows, probs, prefix, block_m)
 
 
 def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:

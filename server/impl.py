@@ -50,26 +50,6 @@ def _causal_pairs(q_offset: int, q_len: int) -> int:
     return q_len * q_offset + q_len * (q_len + 1) // 2
 
 
-def dense_prefix(index: SparseIndex, dense_below: int) -> SparseIndex:
-    """``index`` with every query block that ends at or below ``dense_below`` made dense.
-
-    ``dense_below`` is per query position: the first ``dense_below`` tokens of every request attend
-    densely however the prompt is chunked (whole chunks below it get a dense index from the
-    builder; this handles the chunk that straddles it). A new index: the input may be shared.
-    """
-    ends = torch.clamp((torch.arange(index.num_q_blocks, device=index.device) + 1) * index.block_m,
-                       max=index.q_len) + index.q_offset  # [NQB] one past each block's last query
-    full = (ends <= dense_below).view(1, -1)  # [1, NQB]
-    if not bool(full.any()):
-        return index
-    rs, re = index.range_start.clone(), index.range_end.clone()
-    rs[..., 0] = torch.where(full, 0, rs[..., 0])
-    re[..., 0] = torch.where(full, ends.to(re.dtype).view(1, -1), re[..., 0])
-    rc = torch.where(full, 1, index.range_count)
-    cc = torch.where(full, 0, index.column_count)
-    return SparseIndex(rs, re, rc, index.columns, cc, index.q_len, index.q_offset, index.block_m)
-
-
 def _derived(cache: dict, kind: str, index: SparseIndex, make) -> Any:
     """``make(index)`` once per step for a (possibly shared) index. The entry holds the index
     itself: that keeps it alive for the step (so its ``id`` cannot be reused by another index) and
@@ -182,10 +162,6 @@ class HeadwiseImpl(AttentionImpl):
             row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
             num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below, scale=self.scale,
             cache=md.step_cache)
-        if not row.dense and row.q_offset < md.dense_below:
-            # the chunk straddles dense_below: its query blocks below the threshold attend densely,
-            # as they would in any other chunking of the same prompt
-            index = _derived(md.step_cache, "dense_prefix", index, lambda i: dense_prefix(i, md.dense_below))
         out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
         output[row.start:row.end] = out
         rec = get_recorder()

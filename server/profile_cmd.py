@@ -39,7 +39,8 @@ class ProfileConfig:
     dense_below: int | None = None  # default: the shortest calibration length
     decode: str = "auto"
     tidal_top_k: int = 256
-    select_layers: tuple[int, ...] | None = None  # default: patterns.profile.default_select_layers
+    select_layers: tuple[int, ...] | None = None  # default: chosen from the measured reuse mass
+    selections: int = 4  # TidalDecode selection layers to place
     planned_generation: int = 256
     dtype: str = "bfloat16"
     device: str = "cpu"
@@ -65,15 +66,68 @@ def calibration_ids(tokenizer, length: int, index: int, cfg: ProfileConfig):
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids, name
 
 
-def run_profile(cfg: ProfileConfig):
-    """Profile ``cfg.model`` and return ``(plan, report)``; ``report`` is a dict of figures."""
-    import numpy as np
+@dataclass
+class Measurements:
+    """Everything the model run produced; enough to re-solve without running the model again."""
+
+    geometry: dict
+    model_path: str
+    scores: "ProfileScores"  # noqa: F821
+    tidal: "TidalScores | None"  # noqa: F821
+    prompt_tokens: dict[int, list[int]]
+    seconds: float
+
+    def save(self, path: Path) -> None:
+        """``.npz`` with the score sums and a JSON header (candidates as plan JSON)."""
+        import json
+
+        import numpy as np
+
+        header = {"geometry": self.geometry, "model_path": self.model_path, "lengths": self.scores.lengths,
+                  "candidates": [c.model_dump(mode="json") for c in self.scores.candidates],
+                  "prompt_tokens": {str(k): v for k, v in self.prompt_tokens.items()}, "seconds": self.seconds,
+                  "tidal_top_k": self.tidal.top_k if self.tidal else None}
+        arrays = {"mass_sum": self.scores.mass_sum, "density_sum": self.scores.density_sum,
+                  "count": self.scores.count}
+        if self.tidal is not None:
+            arrays.update(tidal_sum=self.tidal.mass_sum, tidal_count=self.tidal.count)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez(f, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "Measurements":
+        import json
+
+        import numpy as np
+        from pydantic import TypeAdapter
+
+        from headwise.patterns.plan import PrefillSpec
+        from headwise.patterns.profile import ProfileScores
+        from headwise.patterns.profile_decode import TidalScores
+
+        data = np.load(path)
+        header = json.loads(str(data["header"]))
+        adapter = TypeAdapter(PrefillSpec)
+        candidates = [adapter.validate_python(c) for c in header["candidates"]]
+        n_layers = data["mass_sum"].shape[0]
+        scores = ProfileScores(n_layers, data["mass_sum"].shape[1], candidates, header["lengths"])
+        scores.mass_sum, scores.density_sum, scores.count = data["mass_sum"], data["density_sum"], data["count"]
+        tidal = None
+        if "tidal_sum" in data:
+            tidal = TidalScores(n_layers, header["tidal_top_k"])
+            tidal.mass_sum, tidal.count = data["tidal_sum"], data["tidal_count"]
+        return cls(header["geometry"], header["model_path"], scores, tidal,
+                   {int(k): v for k, v in header["prompt_tokens"].items()}, header["seconds"])
+
+
+def measure(cfg: ProfileConfig) -> Measurements:
+    """Run the model on the calibration prompts and score every head (the slow part)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headwise.patterns.plan import ModelGeometry, Plan, Settings
-    from headwise.patterns.profile import (ProfileScores, choose_patterns, decode_for, default_candidates,
-                                           default_select_layers, describe, score_layer)
+    from headwise.patterns.profile import ProfileScores, default_candidates, score_layer
+    from headwise.patterns.profile_decode import TidalScores
 
     from . import hf
     from .model import read_geometry, resolve_model
@@ -84,10 +138,6 @@ def run_profile(cfg: ProfileConfig):
     n_layers, n_heads, n_kv = geo["num_layers"], geo["num_heads"], geo["num_kv_heads"]
     scored_layers = min(n_layers, cfg.num_layers or n_layers)
     lengths = sorted(set(cfg.lengths))
-    dense_below = min(lengths) if cfg.dense_below is None else cfg.dense_below
-    if any(n < dense_below for n in lengths):
-        _log(f"warning: lengths {[n for n in lengths if n < dense_below]} are below dense_below={dense_below}; "
-             "they run dense whatever the plan says, and count as density 1.0")
     candidates = default_candidates(max(lengths))
     _log(f"model {path}: {n_layers} layers x {n_heads} heads ({n_kv} KV heads); {len(candidates)} candidates; "
          f"lengths {lengths}; {cfg.prompts} prompts per length")
@@ -99,14 +149,15 @@ def run_profile(cfg: ProfileConfig):
         model.model.layers = model.model.layers[:scored_layers]
         model.config.num_hidden_layers = scored_layers
     scores = ProfileScores(scored_layers, n_heads, candidates, lengths)
+    tidal = TidalScores(scored_layers, cfg.tidal_top_k)
     current = {"li": 0}
 
     def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         # q: [S, Hq, D], k: [S, Hkv, D] of one prompt, RoPE applied
-        s = q.shape[0]
         score = score_layer(q, k, candidates, layer_heads=n_heads, layer_kv_heads=n_kv,
-                            n_blocks=cfg.sample_blocks, total_len=s + cfg.planned_generation)
+                            n_blocks=cfg.sample_blocks, total_len=q.shape[0] + cfg.planned_generation)
         scores.add(layer, current["li"], score)
+        tidal.add(layer, score.sample)
 
     hf.attach_plan(model, None, capture=capture)
     prompt_tokens: dict[int, list[int]] = {n: [] for n in lengths}
@@ -121,10 +172,26 @@ def run_profile(cfg: ProfileConfig):
             _log(f"length {length} prompt {p + 1}/{cfg.prompts} ({task}, {ids.shape[1]} tokens): "
                  f"{scored_layers} layers scored in {time.monotonic() - t0:.1f}s "
                  f"(elapsed {time.monotonic() - started:.0f}s)")
+    return Measurements(geo, path, scores, tidal, prompt_tokens, round(time.monotonic() - started, 1))
 
+
+def make_plan(meas: Measurements, cfg: ProfileConfig):
+    """Choose the patterns from the measurements; return ``(plan, report)``."""
+    import numpy as np
+
+    from headwise.patterns.plan import ModelGeometry, Plan, Settings
+    from headwise.patterns.profile import choose_patterns, describe
+    from headwise.patterns.profile_decode import choose_select_layers, decode_for
+
+    geo, scores = meas.geometry, meas.scores
+    n_layers, n_heads = geo["num_layers"], geo["num_heads"]
+    scored_layers = scores.num_layers
+    lengths, candidates = scores.lengths, scores.candidates
+    dense_below = min(lengths) if cfg.dense_below is None else cfg.dense_below
     mass, density = scores.mass(), scores.density()  # [L, H, C, N]
     for li, n in enumerate(lengths):
         if n < dense_below:
+            _log(f"warning: length {n} is below dense_below={dense_below}: it runs dense, density 1.0")
             density[..., li] = 1.0
     t0 = time.monotonic()
     choice = choose_patterns(mass, density, cfg.density_budget, per_length=cfg.per_length,
@@ -132,36 +199,49 @@ def run_profile(cfg: ProfileConfig):
     _log(f"MILP: {choice.status} in {time.monotonic() - t0:.1f}s; kept mass {choice.kept_mass:.4f}; density "
          + ", ".join(f"{n}: {d:.3f}" for n, d in zip(lengths, choice.density)))
 
-    select = list(cfg.select_layers) if cfg.select_layers is not None else default_select_layers(n_layers)
+    decode_mass = None
+    if cfg.select_layers is not None:
+        select = list(cfg.select_layers)
+    elif cfg.decode in ("auto", "tidal") and meas.tidal is not None and scored_layers == n_layers:
+        select, decode_mass = choose_select_layers(meas.tidal.reuse(), cfg.selections)
+        _log(f"TidalDecode: selection layers {select} keep {decode_mass:.4f} of the answer rows' mass "
+             f"(top-{meas.tidal.top_k})")
+    else:
+        from headwise.patterns.profile_decode import default_select_layers
+
+        select = default_select_layers(n_layers, selections=cfg.selections)
     prefill = [[candidates[choice.pick[l, h]] if l < scored_layers else candidates[0] for h in range(n_heads)]
                for l in range(n_layers)]
-    decode = [[decode_for(prefill[l][h], l, select, cfg.decode, None) for h in range(n_heads)]
-              for l in range(n_layers)]
+    decode = [[decode_for(prefill[l][h], l, select, cfg.decode) for h in range(n_heads)] for l in range(n_layers)]
     counts: dict[str, int] = {}
     for row in prefill:
         for spec in row:
             counts[spec.type] = counts.get(spec.type, 0) + 1
     report = {
-        "model": geo.get("architecture"), "model_path": path, "lengths": lengths, "prompts": cfg.prompts,
-        "prompt_tokens": prompt_tokens, "tasks": list(cfg.tasks), "seed": cfg.seed,
-        "density_budget": cfg.density_budget, "kept_mass": round(choice.kept_mass, 5),
+        "model": geo.get("architecture"), "model_path": meas.model_path, "lengths": lengths,
+        "prompts": len(meas.prompt_tokens[lengths[0]]), "prompt_tokens": meas.prompt_tokens,
+        "tasks": list(cfg.tasks), "seed": cfg.seed, "density_budget": cfg.density_budget,
+        "kept_mass": round(choice.kept_mass, 4),
         "measured_density": {str(n): round(d, 4) for n, d in zip(lengths, choice.density)},
-        "patterns": counts, "select_layers": select, "decode": cfg.decode, "milp": choice.status,
-        "candidates": [describe(c) for c in candidates], "scored_layers": scored_layers,
-        "seconds": round(time.monotonic() - started, 1),
+        "patterns": counts, "select_layers": select, "tidal_top_k": cfg.tidal_top_k,
+        "decode_mass": None if decode_mass is None else round(decode_mass, 4), "decode": cfg.decode,
+        "milp": choice.status, "candidates": [describe(c) for c in candidates], "scored_layers": scored_layers,
+        "measure_seconds": meas.seconds, "dense_kept_mass": float(np.mean(mass[..., 0, :])),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "mean_mass_dense_vs_chosen": float(np.mean(mass[..., 0, :])),
     }
     description = ("profiled by `headwise profile`: " + "; ".join(
-        f"{k}={report[k]}" for k in ("model", "lengths", "prompts", "tasks", "seed", "density_budget",
-                                     "measured_density", "kept_mass", "select_layers", "decode", "created")))
-    geometry = ModelGeometry(name=Path(path).name, **{k: geo[k] for k in
-                                                      ("architecture", "num_layers", "num_heads", "num_kv_heads",
-                                                       "head_dim")})
+        f"{k}={report[k]}" for k in ("lengths", "prompts", "tasks", "seed", "density_budget", "measured_density",
+                                     "kept_mass", "select_layers", "tidal_top_k", "decode_mass", "created")))
+    geometry = ModelGeometry(name=Path(meas.model_path).name, **{
+        k: geo[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")})
     settings = Settings(dense_below=dense_below, tidal_top_k=cfg.tidal_top_k,
                         planned_generation=cfg.planned_generation)
-    plan = Plan.from_tables(geometry, prefill, decode, settings, description=description)
-    return plan, report
+    return Plan.from_tables(geometry, prefill, decode, settings, description=description), report
+
+
+def run_profile(cfg: ProfileConfig):
+    """Measure ``cfg.model`` and choose its plan: ``(plan, report)``."""
+    return make_plan(measure(cfg), cfg)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -195,10 +275,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", choices=("auto", "tidal", "matched", "dense"), default=d.decode,
                    help="decode rule: auto = windows keep their span, others TidalDecode (default)")
     p.add_argument("--tidal-top-k", type=int, default=d.tidal_top_k, help="TidalDecode tokens per head (default 256)")
-    p.add_argument("--select-layers", type=_int_list, default=None, help="TidalDecode selection layers (default 2 + 3 spread)")
+    p.add_argument("--select-layers", type=_int_list, default=None,
+                   help="TidalDecode selection layers (default: placed by the measured reuse mass)")
+    p.add_argument("--selections", type=int, default=d.selections, help="TidalDecode selection layers to place (default 4)")
     p.add_argument("--planned-generation", type=int, default=d.planned_generation, help="tokens assumed generated (MoA spans)")
     p.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=d.device, help="torch device (cpu, cuda)")
+    p.add_argument("--save-scores", type=Path, default=None, help="also write the raw measurements (.npz)")
+    p.add_argument("--from-scores", type=Path, default=None,
+                   help="skip the model run: re-solve from measurements saved by --save-scores")
     p.set_defaults(func=_cmd_profile)
 
 
@@ -223,15 +308,24 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         density_budget=args.density_budget, seed=args.seed, tasks=tasks,
                         sample_blocks=args.sample_blocks, max_per_layer=args.max_per_layer or None,
                         per_length=args.per_length, dense_below=args.dense_below, decode=args.decode,
-                        tidal_top_k=args.tidal_top_k, select_layers=args.select_layers,
+                        tidal_top_k=args.tidal_top_k, select_layers=args.select_layers, selections=args.selections,
                         planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
     try:
-        plan, report = run_profile(cfg)
-    except (ModelError, PlanError, ValueError) as exc:
+        if args.from_scores:
+            meas = Measurements.load(args.from_scores)
+            if meas.tidal is not None and meas.tidal.top_k != cfg.tidal_top_k:
+                _log(f"note: the saved TidalDecode scores were measured at top-{meas.tidal.top_k}; "
+                     f"the plan uses top-{cfg.tidal_top_k}")
+        else:
+            meas = measure(cfg)
+        if args.save_scores:
+            meas.save(args.save_scores)
+        plan, report = make_plan(meas, cfg)
+    except (ModelError, PlanError, ValueError, OSError) as exc:
         print(f"headwise profile: {exc}", file=sys.stderr)
         return 1
     plan.save(args.out)
     _log(f"wrote {args.out}: patterns {report['patterns']}; measured density {report['measured_density']}; "
-         f"kept mass {report['kept_mass']}; {report['seconds']}s")
+         f"kept mass {report['kept_mass']}; measured in {report['measure_seconds']}s")
     print(args.out)
     return 0

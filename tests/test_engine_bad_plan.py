@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import psutil
 import pytest
 
 from engine_util import ROOT
@@ -45,12 +47,27 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def _group_alive(pgid: int, grace_s: float = 10.0) -> bool:
+    """Whether anything of the group still runs after ``grace_s`` (exiting children are reaped
+    by init a moment after their parent is gone)."""
+    deadline = time.monotonic() + grace_s
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def test_engine_refuses_bad_plans_and_leaves_nothing_running(tmp_path):
@@ -69,7 +86,7 @@ def test_engine_refuses_bad_plans_and_leaves_nothing_running(tmp_path):
         out, _ = proc.communicate(timeout=600)  # vLLM logs (the workers' errors too) go to stdout
         left_behind = _group_alive(proc.pid)
     finally:
-        if _group_alive(proc.pid):
+        if _group_members(proc.pid):
             os.killpg(proc.pid, 9)
     assert proc.returncode == 0, out[-3000:]
     for plan in plans:

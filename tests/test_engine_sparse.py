@@ -24,7 +24,7 @@ STATIC_PLAN = {
     "description": "test plan: static prefill patterns only (chunking must not change the result)",
     "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
               "head_dim": 64},
-    "settings": {"dense_below": 512, "tidal_top_k": 256},
+    "settings": {"dense_below": 0, "tidal_top_k": 256},  # decided per chunk: would differ below it
     "default": {"prefill": {"type": "strided", "local_blocks": 2, "vert_stride": 8},
                 "decode": {"type": "tidal", "role": "reuse"}},
     "layers": {"0-1": {"prefill": {"type": "dense"}, "decode": {"type": "dense"}},

@@ -142,7 +142,7 @@ def test_one_layer_with_dynamic_patterns_equals_the_masked_reference(model, geom
     qr, kr, vr = q[0, :, pad:].transpose(0, 1), k[0, :, pad:].transpose(0, 1), v[0, :, pad:].transpose(0, 1)
     index = build_layer_prefill_index(plan.layer_prefill(4), list(range(9)), 9, qr, kr, torch.arange(9) // 3, 0,
                                       s - pad + plan.settings.planned_generation, 64, num_layer_kv_heads=3)
-    assert index.density() < 0.7
+    assert index.density() < 0.9  # sparse (264-301 tokens are few blocks: budgets cover much of them)
     ref, _ = masked_attention_reference(qr, kr, vr, index.to_dense_mask(), module.scaling)
     torch.testing.assert_close(out[0, pad:], ref, atol=ATTN_ATOL, rtol=0)
 
@@ -196,7 +196,7 @@ def test_sparse_plan_finds_a_passkey_greedily_alone_and_in_a_padded_batch(model,
                  default={"prefill": {"type": "vertical_slash", "vertical": 64, "slash": 64, "local_diagonals": 64},
                           "decode": {"type": "tidal", "role": "reuse"}},
                  layers={"0-1": {"prefill": {"type": "dense"}, "decode": {"type": "dense"}},
-                         "2,9,16,23": {"decode": {"type": "tidal", "role": "select"}}})
+                         "2,5,8,11,14,17,20,23,26": {"decode": {"type": "tidal", "role": "select"}}})
     tasks = [make_task("passkey", tokenizer, 600, seed=0), make_task("passkey", tokenizer, 420, seed=1)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": t.prompt}], add_generation_prompt=True,
                                            tokenize=False) for t in tasks]

@@ -1,9 +1,13 @@
 """Chunked prefill gives the unchunked result for static patterns (no engine).
 
-One 300-token prompt under a static plan (A-shape, S2 strides, dense_below 128) is prefilled once
-whole and once in 64-token chunks, each chunk a separate step reading its context from the paged
-cache. fp32: the two runs differ only in how the softmax is split across chunks (prefix and chunk
-merged by their log-sum-exp), ~1e-6; 1e-5 covers it.
+One 300-token prompt under a static plan (A-shape, S2 strides) is prefilled once whole and once
+in 64-token chunks, each chunk a separate step reading its context from the paged cache. fp32: the
+two runs differ only in how the softmax is split across chunks (prefix and chunk merged by their
+log-sum-exp), ~1e-6; 1e-5 covers it.
+
+``dense_below`` is 0 here on purpose: it is decided per chunk from the sequence so far (a short
+*prompt* attends densely), so a chunk shorter than it differs from the same positions of an
+unchunked long prompt; the second test pins that behaviour down.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import torch
 from headwise.server import stats
 from plugin_batches import D, HKV, HQ, Req, Step, make_backend, make_plan, run_layer
 
-STATIC = make_plan({"type": "a_shape", "sink": 16, "window": 64}, {"type": "dense"}, num_layers=3,
-                   dense_below=128,
-                   layers={"1": {"heads": {"3-5": {"prefill": {"type": "strided", "local_blocks": 1,
-                                                                 "vert_stride": 2, "block_size": 32}}}}})
+def static_plan(dense_below: int = 0):
+    return make_plan({"type": "a_shape", "sink": 16, "window": 64}, {"type": "dense"}, num_layers=3,
+                     dense_below=dense_below,
+                     layers={"1": {"heads": {"3-5": {"prefill": {"type": "strided", "local_blocks": 1,
+                                                                   "vert_stride": 2, "block_size": 32}}}}})
+
+
+STATIC = static_plan()
 N = 300  # not a multiple of the 64-query block: the last block is partial in both runs
 
 
@@ -44,16 +52,31 @@ def _prefill(tmp_path, plan, chunk: int, k, v, q) -> torch.Tensor:
     return outs
 
 
-def test_chunked_prefill_equals_unchunked_for_static_patterns(tmp_path):
+def _inputs():
     g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(N, HKV, D, generator=g), torch.randn(N, HKV, D, generator=g)
-    q = torch.randn(N, HQ, D, generator=g)
+    return (torch.randn(N, HKV, D, generator=g), torch.randn(N, HKV, D, generator=g),
+            torch.randn(N, HQ, D, generator=g))
+
+
+def test_chunked_prefill_equals_unchunked_for_static_patterns(tmp_path):
+    k, v, q = _inputs()
     whole = _prefill(tmp_path, STATIC, N, k, v, q)
     chunked = _prefill(tmp_path, STATIC, 64, k, v, q)
     assert not torch.isnan(whole).any()
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
-    # not vacuous: past dense_below the plan is really sparse, so dense attention differs there,
-    # and below it the rows are dense in both runs
+    # not vacuous: the plan is really sparse, so dense attention differs
     dense = _prefill(tmp_path, make_plan({"type": "dense"}, {"type": "dense"}, num_layers=3), N, k, v, q)
     assert (dense[:, 128:] - whole[:, 128:]).abs().max() > 1e-2
-    torch.testing.assert_close(dense[:, :128], whole[:, :128], atol=1e-5, rtol=0)
+
+
+def test_chunks_below_dense_below_attend_densely(tmp_path):
+    k, v, q = _inputs()
+    plan = static_plan(dense_below=128)
+    dense = _prefill(tmp_path, make_plan({"type": "dense"}, {"type": "dense"}, num_layers=3), N, k, v, q)
+    chunked = _prefill(tmp_path, plan, 64, k, v, q)
+    whole = _prefill(tmp_path, plan, N, k, v, q)
+    # the first chunk sees a sequence of 64 < 128 tokens: dense; the second (128) is not below it
+    torch.testing.assert_close(chunked[:, :64], dense[:, :64], atol=1e-5, rtol=0)
+    assert (chunked[:, 64:128] - dense[:, 64:128]).abs().max() > 1e-2
+    # unchunked, the 300-token sequence is past dense_below: every query is sparse
+    torch.testing.assert_close(whole, _prefill(tmp_path, STATIC, N, k, v, q), atol=1e-5, rtol=0)

@@ -12,8 +12,9 @@ from headwise.patterns.dense import Dense
 from headwise.patterns.elastic_window import ElasticWindow
 from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.prefill import build_prefill
-from headwise.patterns.profile import (RowSample, choose_patterns, decode_for, default_candidates,
-                                       default_select_layers, kept_mass, rows_mask, sample_blocks, score_layer)
+from headwise.patterns.profile import (RowSample, choose_patterns, default_candidates, kept_mass, rows_mask,
+                                       sample_blocks, score_layer)
+from headwise.patterns.profile_decode import decode_for, default_select_layers
 from headwise.patterns.strided import Strided
 from headwise.patterns.vertical_slash import VerticalSlash
 
@@ -173,3 +174,46 @@ def test_decode_rules_give_a_valid_plan_for_mixed_heads():
     assert decode_for(pre[0][1], 3, select, "matched").type == "dense"
     with pytest.raises(ValueError, match="decode mode"):
         decode_for(Dense(), 0, select, "sometimes")
+
+
+# ------------------------------------------------------------------ TidalDecode schedule
+def _sample_on(position: int, s: int = 40, heads: int = 2) -> RowSample:
+    """Rows 32..39 (one block of 64 holds them all) putting 90% of their mass on ``position``."""
+    rows = torch.arange(32, s)
+    probs = torch.zeros(heads, len(rows), s)
+    probs[..., position] = 0.9
+    probs[..., :32] += 0.1 / 32
+    prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
+    return RowSample([0], rows, probs, prefix)
+
+
+def test_tidal_scores_measure_how_much_a_later_layer_keeps_of_an_earlier_pick():
+    from headwise.patterns.profile_decode import TidalScores
+
+    ts = TidalScores(num_layers=3, top_k=2)  # the pick: the needle and the current token
+    for layer, needle in enumerate([5, 5, 9]):
+        ts.add(layer, _sample_on(needle))
+    reuse = ts.reuse()
+    assert reuse[0, 1] == pytest.approx(0.9 + 0.1 / 32, abs=1e-6)  # same needle: kept
+    assert reuse[0, 2] < 0.01 and reuse[1, 2] < 0.01  # a different needle: lost
+    assert np.isnan(reuse[1, 0]) and np.isnan(reuse[2, 2])  # only earlier picks are measured
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_select_layers_dp_matches_brute_force(seed):
+    from headwise.patterns.profile_decode import choose_select_layers
+
+    n, first, selections = 9, 2, 3
+    reuse = np.triu(np.random.default_rng(seed).random((n, n)), k=1)
+
+    def mass(layers):
+        total = first
+        for l in range(first, n):
+            last = max(s for s in layers if s <= l)
+            total += 1.0 if l == last else reuse[last, l]
+        return total / n
+
+    best = max(mass([first, *rest]) for rest in itertools.combinations(range(first + 1, n), selections - 1))
+    layers, value = choose_select_layers(reuse, selections, first)
+    assert layers[0] == first and len(layers) == selections and layers == sorted(layers)
+    assert value == pytest.approx(best) and mass(layers) == pytest.approx(best)
