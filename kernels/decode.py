@@ -69,6 +69,28 @@ def selection_positions(
     return torch.where(valid, pos, 0), valid
 
 
+def shared_by_group(selection: DecodeSelection, hkv: int) -> DecodeSelection:
+    """The same selection on the KV-head axis when every GQA group's query heads carry identical
+    entries (dense, window and most static layers), else ``selection`` unchanged: a shared row
+    gathers its K/V once for the group and attends with the group's queries together."""
+    b, h = selection.mode.shape
+    if h == hkv or h % hkv:
+        return selection
+    group = h // hkv
+    k_valid = torch.arange(selection.indices.shape[2], device=selection.device) < selection.count[..., None]
+    listed = torch.where(k_valid, selection.indices, -1)
+    parts = [selection.mode, selection.count]
+    # window data matters only for WINDOW rows, listed indices only for POSITIONS / BLOCKS rows
+    win = selection.mode == DecodeMode.WINDOW
+    parts += [torch.where(win, selection.sink, 0), torch.where(win, selection.window, 0)]
+    sig = torch.cat([p.view(b, h, 1) for p in parts] + [listed], dim=2).view(b, hkv, group, -1)
+    if not bool((sig == sig[:, :, :1]).all()):
+        return selection
+    pick = lambda t: t.view(b, hkv, group, *t.shape[2:])[:, :, 0]  # noqa: E731
+    return DecodeSelection(pick(selection.mode), pick(selection.sink), pick(selection.window),
+                           pick(selection.indices), pick(selection.count), selection.block_size)
+
+
 def _check_decode_inputs(q, k_cache, v_cache, block_table, seq_lens, selection) -> None:
     b, hq, d = q.shape
     nb, hkv, bs, dk = k_cache.shape
@@ -113,7 +135,7 @@ def sparse_decode_torch(
     hkv = k_cache.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dev = q.device
-    selection = selection.to(dev)
+    selection = shared_by_group(selection.to(dev), hkv)
     seq_lens = seq_lens.to(dev)
     hs = selection.num_heads
     per_row = hq // hs  # queries sharing one selection row: the GQA group, or 1

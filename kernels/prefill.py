@@ -28,7 +28,7 @@ import torch
 from .attention_torch import dense_attention_lse, flash, fused_cpu_ok
 from .index import SparseIndex
 from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_keys, head_sets, in_ranges, keys_below,
-                           own_range, plan_heads, row_tensors)
+                           nested_far, own_range, plan_heads, prefix_chunks, row_tensors)
 
 PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
 _NEG_INF = float("-inf")
@@ -259,10 +259,26 @@ def _far(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -
     if rows.numel() == 0:
         return
     bm, s, d = index.block_m, len(p.heads), qp.shape[2]
-    pos = far_keys(index, p.heads[0], rows, p.far_start[rows])  # [n, U]
-    width = (pos < BIG).sum(1).tolist()
     s_pad = kh.shape[1]
     k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)
+    nested = nested_far(index, p.heads[0], rows, p.far_start[rows], n_far[n_far > 0])
+    if nested is not None:  # one gathered copy of the keys, many rows per call under prefix masks
+        keys, m = nested
+        kv_id = p.kv_head * s_pad + keys
+        kg, vg = k_flat.index_select(0, kv_id), v_flat.index_select(0, kv_id)  # [U*, D]
+        for i, j, w in prefix_chunks(m.tolist(), max(1, PAIR_BUDGET // (s * bm))):
+            n = j - i
+            rows_i = rows[None, i:j]  # one item of n rows
+            # query row (head, block, i) sees the first m[block] keys: one bias row per block
+            bias = torch.zeros(n, w, dtype=qp.dtype, device=qp.device)
+            bias.masked_fill_(torch.arange(w, device=qp.device)[None, :] >= m[i:j, None], _NEG_INF)
+            bias = bias.repeat_interleave(bm, dim=0).repeat(s, 1)[None, None]  # [1, 1, S * n * bm, w]
+            o, l = flash(_stack(_q_rows(qp, p.heads, rows_i, bm)), kg[None, None, :w], vg[None, None, :w],
+                         bias, scale=scale)
+            acc.merge(p.heads, rows_i, o.view(1, s, n * bm, d), l.reshape(1, s, n * bm))
+        return
+    pos = far_keys(index, p.heads[0], rows, p.far_start[rows])  # [n, U]
+    width = (pos < BIG).sum(1).tolist()
     for i, j, w in _in_order(width, max(1, PAIR_BUDGET // (s * bm))):
         n = j - i
         ps = pos[i:j, :w]

@@ -189,3 +189,59 @@ def in_ranges(pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor, count: 
     st = torch.where(slot < count[:, None], start, BIG)
     r = torch.searchsorted(st.contiguous(), pos.contiguous(), right=True) - 1
     return (r >= 0) & (pos < torch.gather(end, 1, r.clamp(min=0)))
+
+
+def nested_far(index: SparseIndex, head: int, rows: torch.Tensor, far_start: torch.Tensor, n_far: torch.Tensor):
+    """When every row's far keys are exactly the keys of one sorted list below the row's far start
+    (sinks, vertical columns, strided shards: rows differ only in how far up they reach), return
+    that list ``[U*]`` (the widest row's far keys) and each row's count ``m [n]``; else None.
+
+    Exact: a row's set equals the list's keys below its start iff it has as many keys and each of
+    its ranges and columns lies in the list (a range ``[a, e)`` lies in a sorted unique list iff
+    ``a`` and ``e - 1`` are in it ``e - 1 - a`` places apart)."""
+    w = int(torch.argmax(far_start))
+    keys = far_keys(index, head, rows[w:w + 1], far_start[w:w + 1])[0]
+    keys = torch.sort(keys[keys < BIG]).values
+    if keys.numel() == 0:
+        return None
+    m = torch.searchsorted(keys, far_start.contiguous())
+    if not bool((m == n_far).all()):
+        return None
+    rs, re, rc, cs, cc = row_tensors(index, head, rows)
+    start = far_start[:, None]
+    last = keys.numel() - 1
+
+    def found(x: torch.Tensor):  # index of x in keys, and whether it is there
+        i = torch.searchsorted(keys, x.contiguous()).clamp(max=last)
+        return i, keys[i] == x
+
+    r_ok = (torch.arange(rs.shape[1], device=rs.device) < rc[:, None]) & (rs < start)
+    e = torch.minimum(re, start) - 1
+    ia, ha = found(rs)
+    ie, he = found(e)
+    inside = ha & he & (ie - ia == e - rs)
+    c_ok = (torch.arange(cs.shape[1], device=cs.device) < cc[:, None]) & (cs < start)
+    if not bool((inside | ~r_ok).all()) or not bool((found(cs)[1] | ~c_ok).all()):
+        return None
+    return keys, m
+
+
+CALL_PAIRS = 150_000  # one more call (plus its merge) costs about as much as this many padded pairs
+
+
+def prefix_chunks(m: list[int], per_query_budget: int, slack: float = 0.15):
+    """Runs ``(i, j, L)`` of consecutive rows sharing the first ``L`` keys of a list, row r seeing
+    its first ``m[r]``. A run grows while its padding (pairs computed but masked) stays within
+    ``slack`` of the pairs its rows need plus ``CALL_PAIRS`` per row of 64 queries (what a
+    separate call would cost), and ``(j - i) * L <= per_query_budget``."""
+    i = 0
+    while i < len(m):
+        j, width, need = i + 1, m[i], m[i]
+        while j < len(m):
+            w2 = max(width, m[j])
+            padded = (j + 1 - i) * w2
+            if padded > per_query_budget or (padded - need - m[j]) * 64 > slack * (need + m[j]) * 64 + CALL_PAIRS:
+                break
+            width, need, j = w2, need + m[j], j + 1
+        yield i, j, max(1, width)
+        i = j

@@ -23,10 +23,12 @@ runs attention eagerly.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -44,6 +46,9 @@ from headwise.patterns.tidal import TidalState
 
 from .plan_binding import PlanBinding, worker_binding
 from .stats import StatsRecorder, init_recorder, stats_dir_from_env
+
+
+_LOG = init_logger("vllm.headwise")
 
 
 # ------------------------------------------------------------------------------- metadata
@@ -144,6 +149,9 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             s = int(seq_lens_cpu[r])
             rows.append(PrefillRow(req=r, start=int(qsl[r]), end=int(qsl[r + 1]), q_offset=int(context[r]),
                                    seq_len=s, total_len=s + self.planned_generation, dense=s < self.dense_below))
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug("headwise: step %d: %d decode rows, prefill chunks (q_offset, q_len) %s", self._step + 1,
+                       nd, [(r.q_offset, r.q_len) for r in rows])
         n_dense_pre = sum(r.dense for r in rows)
         self.recorder.add_step(
             prefill_tokens=sum(r.q_len for r in rows), decode_tokens=nd,
@@ -159,9 +167,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
 
 
 def _log_active(binding: PlanBinding, block_size: int, device) -> None:
-    from vllm.logger import init_logger
-
-    init_logger("vllm.headwise").info(
+    _LOG.info(
         "headwise: attention backend active: plan %s, rank %d/%d (query heads %d-%d), KV block size %d, "
         "device %s", binding.plan_path, binding.tp_rank, binding.tp_size, binding.heads[0], binding.heads[-1],
         block_size, device)

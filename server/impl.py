@@ -155,7 +155,7 @@ class HeadwiseImpl(AttentionImpl):
         table_row = md.block_table[row.req]
         k_full = None
         if lb.prefill_dynamic and not row.dense:
-            k_full, _ = read_kv(kv_cache, table_row, row.seq_len)  # [S, Hkv, D], estimation only
+            k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]: estimation
         settings = self.binding.settings
         index = build_layer_prefill_index(
             lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),

@@ -74,12 +74,16 @@ def _slot_runs(slots: torch.Tensor, block_size: int) -> list[tuple[int, int, int
     return list(zip(starts, ends, slots[starts].tolist()))
 
 
-def read_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def read_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
+            keys_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions ``0..length-1`` of one request as ``k, v: [length, Hkv, D]`` (whole blocks are
-    copied, then trimmed: one block-level gather instead of a per-token one)."""
+    copied, then trimmed: one block-level gather instead of a per-token one). ``keys_only``: copy
+    K alone (pattern estimation needs no V) and return ``v = None``."""
     bs = kv_cache.shape[2]
     d = kv_cache.shape[-1] // 2
     n_blocks = -(-length // bs)
-    blocks = kv_cache[block_table_row[:n_blocks].long()]  # [n, Hkv, bs, 2D]
-    rows = blocks.transpose(1, 2).reshape(n_blocks * bs, kv_cache.shape[1], 2 * d)[:length]
-    return rows[..., :d], rows[..., d:]
+    blocks = block_table_row[:n_blocks].long()
+    width = d if keys_only else 2 * d
+    rows = kv_cache[blocks, :, :, :width]  # [n, Hkv, bs, width]
+    rows = rows.transpose(1, 2).reshape(n_blocks * bs, kv_cache.shape[1], width)[:length]
+    return (rows, None) if keys_only else (rows[..., :d], rows[..., d:])

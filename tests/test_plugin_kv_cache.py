@@ -43,3 +43,12 @@ def test_read_kv_follows_the_block_table_and_split_views_alias_the_cache():
     k_cache, v_cache = split_kv(kv)
     assert k_cache.shape == (NB, HKV, BS, D) and k_cache.data_ptr() == kv.data_ptr()
     assert torch.equal(v_cache[7, :, 0], -key[0])
+
+
+def test_read_kv_keys_only():
+    kv = torch.randn(NB, HKV, BS, 2 * D)
+    table = torch.tensor([4, 0, 11], dtype=torch.int32)
+    k, v = read_kv(kv, table, 37)
+    k_only, none = read_kv(kv, table, 37, keys_only=True)
+    assert none is None and torch.equal(k_only, k) and k.shape == (37, HKV, D)
+    assert torch.equal(v[20], kv[0, :, 4, D:])  # position 20 = block 1 (physical 0), offset 4
