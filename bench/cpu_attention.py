@@ -159,38 +159,42 @@ def bench_plans(attn, plan_paths: list[Path], lengths: list[int], repeats: int) 
         q, k, v = qkv(t, seed=t)
         dense = SparseIndex.dense(HQ, t)
 
-        def run_plan(plan, timings: dict):
+        def run_plan(plan, runs: list):
             cache: dict = {}
+            split = {"build_cpu_s": 0.0, "attention_cpu_s": 0.0, "build_wall_s": 0.0, "attention_wall_s": 0.0}
             for layer in range(plan.model.num_layers):
-                w0 = time.perf_counter()
+                c0, w0 = time.process_time(), time.perf_counter()
                 index = build_layer_prefill_index(
                     plan.layer_prefill(layer), list(range(HQ)), HQ, q, k, None, 0, t + plan.settings.planned_generation,
                     BM, num_layer_kv_heads=HKV, dense_below=plan.settings.dense_below, cache=cache)
-                w1 = time.perf_counter()
+                c1, w1 = time.process_time(), time.perf_counter()
                 attn(q, k, v, index)
-                timings["build"] += w1 - w0
-                timings["attention"] += time.perf_counter() - w1
+                split["build_cpu_s"] += c1 - c0
+                split["build_wall_s"] += w1 - w0
+                split["attention_cpu_s"] += time.process_time() - c1
+                split["attention_wall_s"] += time.perf_counter() - w1
+            runs.append(split)
 
         plans = {p.stem: load_plan(p) for p in plan_paths}
         layers = next(iter(plans.values())).model.num_layers
         fns = {"dense (every layer)": lambda: [attn(q, k, v, dense) for _ in range(layers)]}
-        split: dict[str, dict] = {}
+        runs: dict[str, list] = {}
         for name, plan in plans.items():
-            split[name] = {"build": 0.0, "attention": 0.0}
-            fns[name] = lambda plan=plan, name=name: run_plan(plan, split[name])
+            runs[name] = []
+            fns[name] = lambda plan=plan, name=name: run_plan(plan, runs[name])
         res = interleaved(fns, repeats)
         base = res["dense (every layer)"]
         for name, r in res.items():
             row = dict(kind="plan", plan=name, seq=t, layers=layers, wall_s=r["wall_s"], cpu_s=r["cpu_s"],
                        wall_ratio_to_dense=r["wall_s"] / base["wall_s"], cpu_ratio_to_dense=r["cpu_s"] / base["cpu_s"])
-            if name in split:  # accumulated over warm-up + repeats
-                runs = repeats + 1
-                row.update(build_s_mean=split[name]["build"] / runs, attention_s_mean=split[name]["attention"] / runs)
+            if name in runs:  # medians over the timed runs (the first one is the warm-up)
+                timed = runs[name][1:]
+                row.update({key: statistics.median(x[key] for x in timed) for key in timed[0]})
             rows.append(row)
             print(f"{t:6d}  plan {name:27s} wall {r['wall_s']:7.2f} s (x{row['wall_ratio_to_dense']:.2f})  "
                   f"cpu {r['cpu_s']:7.2f} s (x{row['cpu_ratio_to_dense']:.2f})"
-                  + (f"  [build {row['build_s_mean']:.2f} s, attention {row['attention_s_mean']:.2f} s]"
-                     if "build_s_mean" in row else ""), flush=True)
+                  + (f"  [cpu: build {row['build_cpu_s']:.2f} s, attention {row['attention_cpu_s']:.2f} s]"
+                     if name in runs else ""), flush=True)
     return rows
 
 

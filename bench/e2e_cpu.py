@@ -6,8 +6,12 @@ passkey prompts one at a time (batch 1, prefix caching off so every prompt is a 
 each length. Per prompt it records time to first token and decode tokens/s (from vLLM's request
 metrics, engine clock) and whether the reply contains the pass key.
 
-    .venv/bin/python bench/e2e_cpu.py                       # 2K/4K/8K, shipped SmolLM2 plans
+    .venv/bin/python bench/e2e_cpu.py                       # 2K/4K/8K, dense.json + sparse.json
+    .venv/bin/python bench/e2e_cpu.py --all-plans           # every plan in configs/smollm2-135m-instruct
     .venv/bin/python bench/e2e_cpu.py --lengths 2000 --trials 1 --plan configs/.../x.json
+
+Stock runs first and again last: on a shared machine the load drifts, and the two stock runs
+bracket the headwise ones (speed-ups use their mean; both are in the JSON with the load average).
 
 Lengths are user-message tokens; the chat template adds ~20, so "8K" is 8000 to stay inside the
 model's 8192-token context with the generated tokens. Slow on 2 cores: stock attention needs
@@ -29,7 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PLANS = sorted(glob.glob(str(ROOT / "configs" / "smollm2-135m-instruct" / "*.json")))
+PLAN_DIR = ROOT / "configs" / "smollm2-135m-instruct"
+DEFAULT_PLANS = [str(PLAN_DIR / "dense.json"), str(PLAN_DIR / "sparse.json")]  # the product plans
 ENGINE_KW = dict(max_model_len=8192, enable_prefix_caching=False, disable_log_stats=False, seed=0)
 KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE: ~90K tokens of SmolLM2 cache, plenty for batch 1
 
@@ -156,9 +161,39 @@ def _summary(result: dict) -> dict:
                      "decode_tokens_per_s": mean(v["tps"])} for k, v in sorted(by_len.items())}
 
 
+def _add_speedups(results: list[dict]) -> None:
+    """TTFT speed-up of every mode over the mean stock TTFT at the same length."""
+    stock: dict[str, list[float]] = {}
+    for r in results:
+        if r["mode"] == "stock":
+            for k, v in r["summary"].items():
+                if v["ttft_s"]:
+                    stock.setdefault(k, []).append(v["ttft_s"])
+    for r in results:
+        r["ttft_speedup_vs_stock"] = {
+            k: (sum(stock[k]) / len(stock[k]) / v["ttft_s"]) if k in stock and v["ttft_s"] else None
+            for k, v in r["summary"].items()}
+
+
+def _print_table(results: list[dict]) -> None:
+    fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"  # noqa: E731
+    print(f"\n{'mode':<24} {'load':>5} {'len':>6} {'acc':>5} {'TTFT s':>8} {'x stock':>8} {'dec tok/s':>10}")
+    for r in results:
+        name = "stock" if r["mode"] == "stock" else Path(r["mode"]).name
+        load = r.get("load_average_before", [None])[0]
+        for k, s in r["summary"].items():
+            sp = r["ttft_speedup_vs_stock"].get(k)
+            print(f"{name:<24} {fmt(load, '5.1f'):>5} {k:>6} {s['passkey_accuracy']:>5.2f} "
+                  f"{fmt(s['ttft_s'], '8.2f'):>8} {fmt(sp, '8.2f'):>8} {fmt(s['decode_tokens_per_s'], '10.1f'):>10}")
+        if r["status"] != "ok":
+            print(f"{name}: {r['status']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", action="append", default=None, help="headwise plan (repeatable); default: shipped SmolLM2 plans")
+    p.add_argument("--plan", action="append", default=None,
+                   help="headwise plan (repeatable); default: the shipped dense.json and sparse.json")
+    p.add_argument("--all-plans", action="store_true", help="every plan in configs/smollm2-135m-instruct")
     p.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000, 8000])
     p.add_argument("--trials", type=int, default=2, help="passkey prompts (seeds) per length")
     p.add_argument("--max-tokens", type=int, default=24)
@@ -173,37 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         args.mode = args.child
         run_mode(args)
         return 0
-    plans = [str(Path(x).resolve()) for x in (args.plan or DEFAULT_PLANS)]
-    modes = ([] if args.no_stock else ["stock"]) + plans
-    results = []
-    with tempfile.TemporaryDirectory(prefix="headwise-bench-") as tmp:
-        for i, mode in enumerate(modes):
-            results.append(_run_child(mode, args, Path(tmp) / f"mode{i}.json"))
-    for r in results:
-        r["summary"] = _summary(r)
-    stock = next((r for r in results if r["mode"] == "stock"), None)
-    if stock:
-        for r in results:
-            r["ttft_speedup_vs_stock"] = {
-                k: (stock["summary"][k]["ttft_s"] / v["ttft_s"]) if k in stock["summary"] and v["ttft_s"]
-                and stock["summary"][k]["ttft_s"] else None for k, v in r["summary"].items()}
-    doc = {"benchmark": "e2e_cpu", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(),
-           "engine": ENGINE_KW, "lengths": args.lengths, "trials": args.trials, "max_tokens": args.max_tokens,
-           "results": results}
+    chosen = sorted(glob.glob(str(PLAN_DIR / "*.json"))) if args.all_plans else (args.plan or DEFAULT_PLANS)
+    plans = [str(Path(x).resolve()) for x in chosen]
+    modes = plans if args.no_stock else ["stock", *plans, "stock"]
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"e2e_cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\n{'mode':<40} {'len':>6} {'acc':>5} {'TTFT s':>8} {'x stock':>8} {'dec tok/s':>10}")
-    for r in results:
-        name = "stock" if r["mode"] == "stock" else Path(r["mode"]).name
-        for k, s in r["summary"].items():
-            sp = (r.get("ttft_speedup_vs_stock") or {}).get(k)
-            fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"  # noqa: E731
-            print(f"{name:<40} {k:>6} {s['passkey_accuracy']:>5.2f} {fmt(s['ttft_s'], '8.2f'):>8} "
-                  f"{fmt(sp, '8.2f'):>8} {fmt(s['decode_tokens_per_s'], '10.1f'):>10}")
-        if r["status"] != "ok":
-            print(f"{name}: {r['status']}")
+    doc = {"benchmark": "e2e_cpu", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(),
+           "engine": ENGINE_KW, "kv_cache_gib": KV_CACHE_GIB, "lengths": args.lengths, "trials": args.trials,
+           "max_tokens": args.max_tokens, "results": []}
+    with tempfile.TemporaryDirectory(prefix="headwise-bench-") as tmp:
+        for i, mode in enumerate(modes):
+            r = _run_child(mode, args, Path(tmp) / f"mode{i}.json")
+            r["summary"] = _summary(r)
+            doc["results"].append(r)
+            _add_speedups(doc["results"])
+            out.write_text(json.dumps(doc, indent=2) + "\n")  # after every mode: a cut-off run keeps its figures
+    _print_table(doc["results"])
     print(f"\nwrote {out}")
     return 0
 

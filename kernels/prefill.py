@@ -1,19 +1,21 @@
 """Sparse prefill attention over a ``SparseIndex``: the torch path (CPU, and the test oracle).
 
-``prefill_plan`` splits each set of identical heads into row kinds; this module runs them with
-torch's fused CPU flash kernel and merges the partial results by their log-sum-exp:
+``prefill_plan`` classifies the rows (query blocks) of each set of identical heads; this module
+runs them with torch's fused CPU flash kernel and merges partial results by their log-sum-exp:
 
 * dense prefix rows: one dense causal call over the leading blocks (a whole dense head too);
 * near part: regular rows read their band ``[bs - b, be)`` as overlapping windows of the K/V
   buffer (a strided view, no copy), a chunk of blocks per batch item under one relative mask
   shared by every item; short rows read their diagonal block (causal, no mask); broken rows read
   it under a membership mask;
-* far part: the keys below the near part, gathered once per item of ``k`` rows (the union of
-  their far keys), every query of a row seeing its row's keys (membership mask when k > 1).
+* far part (merged into the near part): the keys below the near window. When every row sees a
+  prefix of one key list (sinks, vertical columns, strided shards), that list is gathered once and
+  runs of rows share a call under prefix masks; otherwise each row's keys are gathered.
 
-Identical heads of a KV group are stacked along the query axis, so a GQA group reads each
-gathered K/V row once and the kernel sees more queries per key list. K/V are never repeated
-per query head. Memory stays O(S x block) apart from the output-sized partial results.
+Heads of one KV group are stacked along the query axis wherever their work coincides (identical
+indices, or just the same dense prefix / band width), so the kernel sees more queries per key list
+and each K/V row is read once per group: K/V are never repeated per query head. Memory stays
+O(S x block) apart from the output-sized result.
 
 The Triton kernels (``prefill_triton.py``) implement the same contract; ``sparse_prefill`` and
 ``sparse_prefill_paged`` (in ``dispatch.py``) choose between them.
@@ -27,116 +29,12 @@ import torch
 
 from .attention_torch import dense_attention_lse, flash, fused_cpu_ok
 from .index import SparseIndex
+from .prefill_io import Out, adjacent, q_rows, stack, windows
 from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_keys, head_sets, in_ranges, keys_below,
                            nested_far, own_range, plan_heads, prefix_chunks, row_tensors)
 
 PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
 _NEG_INF = float("-inf")
-
-
-def _consecutive(rows: torch.Tensor) -> int | None:
-    """The first block when ``rows [n, k]`` lists consecutive blocks (so views can replace
-    gathers), else None."""
-    r0 = int(rows[0, 0])
-    span = torch.arange(r0, r0 + rows.numel(), device=rows.device)
-    return r0 if r0 >= 0 and bool((rows.reshape(-1) == span).all()) else None
-
-
-def _adjacent(heads: list[int]) -> bool:
-    return heads == list(range(heads[0], heads[0] + len(heads)))
-
-
-class _Out:
-    """The result being assembled: ``o [T_pad, Hq, D]`` in q's dtype (the returned output) and
-    ``lse [Hq, T_pad]`` fp32. Near parts write their rows; far parts merge into them by LSE.
-    Cells are addressed by heads and rows ``[n, k]`` (-1 = none), as ``[n, S, k * bm]``."""
-
-    def __init__(self, t_pad: int, hq: int, d: int, dtype: torch.dtype, device, bm: int):
-        self.o = torch.empty(t_pad, hq, d, dtype=dtype, device=device)
-        self.lse = torch.empty(hq, t_pad, device=device)
-        self.bm = bm
-
-    def _cells(self, heads: list[int], rows: torch.Tensor):
-        n, k = rows.shape
-        s, m, h0 = len(heads), rows.shape[1] * self.bm, heads[0]
-        r0 = _consecutive(rows) if _adjacent(heads) else None
-        if r0 is not None:  # views of a contiguous span
-            t0, t1 = r0 * self.bm, r0 * self.bm + n * m
-            return (self.o[t0:t1, h0:h0 + s].view(n, m, s, -1).permute(0, 2, 1, 3),
-                    self.lse[h0:h0 + s, t0:t1].view(s, n, m).permute(1, 0, 2)), None
-        t = rows.clamp(min=0).view(n, 1, k, 1) * self.bm + torch.arange(self.bm, device=rows.device)
-        h = torch.tensor(heads, device=rows.device).view(1, s, 1, 1)
-        keep = (rows >= 0).view(n, 1, k, 1).expand(n, s, k, self.bm).reshape(-1)
-        o_idx = (t * self.o.shape[1] + h).reshape(-1)[keep]
-        l_idx = (h * self.lse.shape[1] + t).reshape(-1)[keep]
-        return None, (o_idx, l_idx, keep)
-
-    def write(self, heads: list[int], rows: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
-        """o ``[n, S, k * bm, D]``, lse ``[n, S, k * bm]``: the cells' first (near) part."""
-        views, idx = self._cells(heads, rows)
-        if views is not None:
-            views[0].copy_(o)
-            views[1].copy_(lse)
-            return
-        o_idx, l_idx, keep = idx
-        d = o.shape[-1]
-        self.o.view(-1, d).index_copy_(0, o_idx, o.reshape(-1, d)[keep].to(self.o.dtype))
-        self.lse.view(-1).index_copy_(0, l_idx, lse.reshape(-1)[keep].float())
-
-    def merge(self, heads: list[int], rows: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
-        """Fold another part over disjoint keys into the cells (same shapes as ``write``)."""
-        views, idx = self._cells(heads, rows)
-        if views is None:
-            o_idx, l_idx, keep = idx
-            d = o.shape[-1]
-            flat_o, flat_l = self.o.view(-1, d), self.lse.view(-1)
-            cur_o, cur_l = flat_o.index_select(0, o_idx), flat_l.index_select(0, l_idx)
-            o, lse = o.reshape(-1, d)[keep], lse.reshape(-1)[keep]
-        else:
-            cur_o, cur_l = views
-        new_l = torch.logaddexp(cur_l, lse)
-        safe = torch.where(torch.isinf(new_l), 0.0, new_l)
-        new_o = torch.mul(cur_o, torch.exp(cur_l - safe)[..., None])  # fp32
-        new_o.addcmul_(o, torch.exp(lse - safe)[..., None])
-        if views is None:
-            flat_o.index_copy_(0, o_idx, new_o.to(self.o.dtype))
-            flat_l.index_copy_(0, l_idx, new_l)
-        else:
-            cur_o.copy_(new_o)
-            cur_l.copy_(new_l)
-
-    def write_span(self, heads: list[int], o: torch.Tensor, lse: torch.Tensor) -> None:
-        """o ``[S, T, D]`` / lse ``[S, T]`` for heads ``S`` at the first T query rows."""
-        t = o.shape[1]
-        for i, h in enumerate(heads):
-            self.o[:t, h] = o[i]
-            self.lse[h, :t] = lse[i]
-
-
-def _stack(x: torch.Tensor) -> torch.Tensor:
-    """``[n, S, M, D]`` -> ``[n, 1, S * M, D]``: identical heads share one key list."""
-    n, s, m, d = x.shape
-    return x if s == 1 else x.reshape(n, 1, s * m, d)
-
-
-def _q_rows(qp: torch.Tensor, heads: list[int], rows: torch.Tensor, bm: int) -> torch.Tensor:
-    """Queries of ``rows [n, k]`` (-1 -> block 0) for ``heads``: ``[n, S, k * bm, D]`` (a view
-    when the rows are consecutive and the heads adjacent)."""
-    nqb, d, s = qp.shape[0] // bm, qp.shape[2], len(heads)
-    n, k = rows.shape
-    src = qp[:, heads[0]:heads[0] + s] if _adjacent(heads) else qp[:, heads]  # [T_pad, S, D]
-    r0 = _consecutive(rows)
-    if r0 is not None:
-        return src[r0 * bm:(r0 + n * k) * bm].view(n, k * bm, s, d).permute(0, 2, 1, 3)
-    blocks = src.view(nqb, bm, s, d)[rows.clamp(min=0)]  # [n, k, bm, S, D]
-    return blocks.permute(0, 3, 1, 2, 4).reshape(n, s, k * bm, d)
-
-
-def _windows(x: torch.Tensor, g: int, first: int, count: int, width: int, step: int) -> torch.Tensor:
-    """``count`` overlapping windows of ``width`` keys of KV head ``g``, the i-th starting at
-    ``first + i * step``: a strided view ``[count, 1, width, D]`` of ``x [Hkv, S_pad, D]``."""
-    s_pad, d = x.shape[1], x.shape[2]
-    return x.as_strided((count, 1, width, d), (step * d, 0, d, 1), x.storage_offset() + (g * s_pad + first) * d)
 
 
 def _band_bias(band: int, m: int, bm: int, stacked: int, dtype, device) -> torch.Tensor:
@@ -158,7 +56,7 @@ def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], scale: float) -> None:
+def _near_band(acc: Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], scale: float) -> None:
     """Regular rows: the band ``[bs - b, be)`` of every block, causal, read as strided windows.
     ``plans`` share a KV head and a band width, so the rows regular in all of them run with
     every head stacked (more queries per key list); the others run per plan."""
@@ -184,8 +82,8 @@ def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan],
             c0 = r0 + i0 * k  # first block of the call
             first = index.q_offset + c0 * bm - b
             items = torch.arange(c0, c0 + n * k, device=qp.device).view(n, k)
-            o, l = flash(_stack(_q_rows(qp, heads, items, bm)),
-                         _windows(kh, g, first, n, b + m, m), _windows(vh, g, first, n, b + m, m), bias, scale=scale)
+            o, l = flash(stack(q_rows(qp, heads, items, bm)),
+                         windows(kh, g, first, n, b + m, m), windows(vh, g, first, n, b + m, m), bias, scale=scale)
             acc.write(heads, items, o.view(n, s, m, -1), l.reshape(n, s, m))
     if leftover:
         _near_rows(acc, qp, kh, vh, index, heads, g, torch.tensor(leftover, device=qp.device), b, scale)
@@ -195,7 +93,7 @@ def _near_band(acc: _Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan],
             _near_rows(acc, qp, kh, vh, index, p.heads, g, own, b, scale)
 
 
-def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: int, rows: torch.Tensor, b: int,
+def _near_rows(acc: Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: int, rows: torch.Tensor, b: int,
                scale: float, bias: torch.Tensor | None = None) -> None:
     """Rows (a 1-d tensor of blocks) over their windows ``[bs - b, bs + bm)``, one block per item:
     with the shared band mask, or causal when ``b`` is 0, or under a per-row ``bias [n, 1, bm, bm]``."""
@@ -203,11 +101,11 @@ def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: i
     first_row = int(rows.min())
     span = int(rows.max()) - first_row + 1
     first = index.q_offset + first_row * bm - b
-    kw = _windows(kh, g, first, span, b + bm, bm)
-    vw = _windows(vh, g, first, span, b + bm, bm)
+    kw = windows(kh, g, first, span, b + bm, bm)
+    vw = windows(vh, g, first, span, b + bm, bm)
     if span != rows.numel():  # not consecutive: gather the windows (few rows)
         kw, vw = kw[rows - first_row], vw[rows - first_row]
-    q = _q_rows(qp, heads, rows[:, None], bm)  # [n, S, bm, D]
+    q = q_rows(qp, heads, rows[:, None], bm)  # [n, S, bm, D]
     n = rows.numel()
     if bias is None and b == 0:  # diagonal block only: the kernel's own causal mask
         o, l = flash(q, kw.expand(n, s, bm, -1), vw.expand(n, s, bm, -1), causal=True, scale=scale)
@@ -216,11 +114,11 @@ def _near_rows(acc: _Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: i
             bias = _band_bias(b, bm, bm, s, qp.dtype, qp.device)
         elif s > 1:
             bias = bias.repeat(1, 1, s, 1)
-        o, l = flash(_stack(q), kw, vw, bias, scale=scale)
+        o, l = flash(stack(q), kw, vw, bias, scale=scale)
     acc.write(heads, rows[:, None], o.view(n, s, bm, -1), l.reshape(n, s, bm))
 
 
-def _near_diag(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
+def _near_diag(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
     """Short rows: the diagonal block, causal. Broken rows: the diagonal block under the index."""
     short = torch.nonzero(p.short).view(-1)
     if short.numel():
@@ -248,35 +146,78 @@ def _near_diag(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: fl
             acc.o[t, h] = 0
 
 
-def _far(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -> None:
-    """Far keys (below each row's near part), gathered once per item of ``k`` rows."""
+def _far_rows_of(index: SparseIndex, p: HeadPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``p`` with far keys, and how many each has."""
     cand = torch.nonzero(p.far_start > 0).view(-1)
     if cand.numel() == 0:
-        return
+        return cand, cand
     rs, re, rc, cs, cc = row_tensors(index, p.heads[0], cand)
     n_far = keys_below(rs, re, rc, cs, cc, p.far_start[cand, None].contiguous())[:, 0]
-    rows = cand[n_far > 0]
-    if rows.numel() == 0:
-        return
+    return cand[n_far > 0], n_far[n_far > 0]
+
+
+def _far(acc: Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], scale: float) -> None:
+    """Far keys (below each row's near part). Nested ones (every row sees a prefix of one key
+    list) run for all plans of a stack size together, many rows per call; the others one row per
+    batch item, per plan."""
+    nested: dict[int, list] = {}
+    for p in plans:
+        rows, n_far = _far_rows_of(index, p)
+        if rows.numel() == 0:
+            continue
+        found = nested_far(index, p.heads[0], rows, p.far_start[rows], n_far)
+        if found is None:
+            _far_rows(acc, qp, kh, vh, index, p, rows, scale)
+        else:
+            nested.setdefault(len(p.heads), []).append((p, rows, *found))
+    for items in nested.values():
+        _far_nested(acc, qp, kh, vh, index, items, scale)
+
+
+def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: float) -> None:
+    """Plans (same stack size) whose row r sees the first ``m[r]`` of one gathered key list:
+    batch entry = plan, queries = its heads x a run of rows, one prefix mask row per block."""
+    bm, d, dev = index.block_m, qp.shape[2], qp.device
+    nqb, s, s_pad = index.num_q_blocks, len(items[0][0].heads), kh.shape[1]
+    width = max(int(it[2].numel()) for it in items)
+    m_all = torch.zeros(len(items), nqb, dtype=torch.long, device=dev)  # keys each plan's row sees
+    kv_id = torch.zeros(len(items), width, dtype=torch.long, device=dev)
+    for i, (p, rows, keys, m) in enumerate(items):
+        m_all[i, rows] = m
+        kv_id[i, : keys.numel()] = p.kv_head * s_pad + keys
+    kg = kh.view(-1, d).index_select(0, kv_id.view(-1)).view(len(items), 1, width, d)
+    vg = vh.view(-1, d).index_select(0, kv_id.view(-1)).view(len(items), 1, width, d)
+    rows = torch.nonzero(m_all.amax(0) > 0).view(-1)
+    m_max = m_all[:, rows].amax(0).tolist()
+    heads = [h for it in items for h in it[0].heads]
+    one_view = s == 1 and adjacent(heads)
+    for i, j, w in prefix_chunks(m_max, max(1, PAIR_BUDGET // (s * bm * len(items)))):
+        n = j - i
+        rows_i = rows[None, i:j]
+        m = m_all[:, rows[i:j]]  # [P, n]
+        bias = torch.zeros(len(items), n, w, dtype=qp.dtype, device=dev)
+        bias.masked_fill_(torch.arange(w, device=dev) >= m[..., None], _NEG_INF)
+        bias = bias.repeat_interleave(bm, dim=1)  # [P, n * bm, w]
+        bias = (bias if s == 1 else bias.repeat(1, s, 1))[:, None]  # [P, 1, S * n * bm, w]
+        if one_view:  # single-head plans on consecutive heads: their queries are one view
+            q = q_rows(qp, heads, rows_i, bm).transpose(0, 1)  # [P, 1, n * bm, D]
+        else:
+            q = torch.cat([stack(q_rows(qp, it[0].heads, rows_i, bm)) for it in items])
+        o, l = flash(q, kg[:, :, :w], vg[:, :, :w], bias, scale=scale)
+        l = l.reshape(len(items), s, n, bm)
+        l = torch.where((m > 0)[:, None, :, None], l, _NEG_INF)  # a plan's row without far keys
+        if one_view:
+            acc.merge(heads, rows_i, o.view(1, len(items), n * bm, d), l.view(1, len(items), n * bm))
+        else:
+            for it, oi, li in zip(items, o, l):
+                acc.merge(it[0].heads, rows_i, oi.view(1, s, n * bm, d), li.reshape(1, s, n * bm))
+
+
+def _far_rows(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, scale: float) -> None:
+    """Far keys gathered per row (one row per batch item), every query of a row seeing them all."""
     bm, s, d = index.block_m, len(p.heads), qp.shape[2]
     s_pad = kh.shape[1]
     k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)
-    nested = nested_far(index, p.heads[0], rows, p.far_start[rows], n_far[n_far > 0])
-    if nested is not None:  # one gathered copy of the keys, many rows per call under prefix masks
-        keys, m = nested
-        kv_id = p.kv_head * s_pad + keys
-        kg, vg = k_flat.index_select(0, kv_id), v_flat.index_select(0, kv_id)  # [U*, D]
-        for i, j, w in prefix_chunks(m.tolist(), max(1, PAIR_BUDGET // (s * bm))):
-            n = j - i
-            rows_i = rows[None, i:j]  # one item of n rows
-            # query row (head, block, i) sees the first m[block] keys: one bias row per block
-            bias = torch.zeros(n, w, dtype=qp.dtype, device=qp.device)
-            bias.masked_fill_(torch.arange(w, device=qp.device)[None, :] >= m[i:j, None], _NEG_INF)
-            bias = bias.repeat_interleave(bm, dim=0).repeat(s, 1)[None, None]  # [1, 1, S * n * bm, w]
-            o, l = flash(_stack(_q_rows(qp, p.heads, rows_i, bm)), kg[None, None, :w], vg[None, None, :w],
-                         bias, scale=scale)
-            acc.merge(p.heads, rows_i, o.view(1, s, n * bm, d), l.reshape(1, s, n * bm))
-        return
     pos = far_keys(index, p.heads[0], rows, p.far_start[rows])  # [n, U]
     width = (pos < BIG).sum(1).tolist()
     for i, j, w in _in_order(width, max(1, PAIR_BUDGET // (s * bm))):
@@ -286,10 +227,10 @@ def _far(acc: _Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, scale: float) -
         kv_id = (p.kv_head * s_pad + torch.where(ok, ps, 0)).view(-1)
         kg = k_flat.index_select(0, kv_id).view(n, 1, w, d)
         vg = v_flat.index_select(0, kv_id).view(n, 1, w, d)
-        # every query of a row sees the row's far keys: one key mask per row, padding off
+        # one key mask per row (padding off)
         bias = torch.zeros(n, 1, 1, w, dtype=qp.dtype, device=qp.device).masked_fill_(~ok[:, None, None], _NEG_INF)
         rows_i = rows[i:j, None]
-        o, l = flash(_stack(_q_rows(qp, p.heads, rows_i, bm)), kg, vg, bias, scale=scale)
+        o, l = flash(stack(q_rows(qp, p.heads, rows_i, bm)), kg, vg, bias, scale=scale)
         acc.merge(p.heads, rows_i, o.view(n, s, bm, d), l.reshape(n, s, bm))
 
 
@@ -324,7 +265,7 @@ def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: Sp
     index = index.to(q.device)
     t_pad = nqb * bm
     qp = q if tq == t_pad else torch.nn.functional.pad(q, (0, 0, 0, 0, 0, t_pad - tq))  # [T_pad, Hq, D]
-    acc = _Out(t_pad, hq, d, q.dtype, q.device, bm)
+    acc = Out(t_pad, hq, d, q.dtype, q.device, bm)
     avail, dense = own_range(index)
     plans = [plan_heads(index, heads, group, avail, dense, allow_dense=fused_cpu_ok(q))
              for heads in head_sets(index, group)]
@@ -341,7 +282,7 @@ def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: Sp
         _near_band(acc, qp, kh, vh, index, ps, scale)
     for p in plans:
         _near_diag(acc, qp, kh, vh, index, p, scale)
-        _far(acc, qp, kh, vh, index, p, scale)
+    _far(acc, qp, kh, vh, index, plans, scale)
     return acc.o[:tq], acc.lse[:, :tq]
 
 

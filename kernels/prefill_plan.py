@@ -8,9 +8,10 @@ copy (see ``attention_torch``). Sparse patterns have two kinds of structure that
   ``[bs - b, be)`` with the same width ``b`` for (almost) every block of a head, so they are read
   as overlapping windows of one K buffer (no copy) under one relative mask shared by every block.
 * *far* keys are everything below ``bs - b``: sinks, vertical columns, strided shards, top-k
-  blocks. All queries of a block see all of them (no causal mask), and many are shared between
-  neighbouring blocks, so ``k`` consecutive rows can read the union of their far keys in one call
-  with a per-block membership mask (k is chosen per head from a cost estimate).
+  blocks. All queries of a block see all of them (no causal mask). Sinks, columns and shards are
+  *nested*: each block sees the keys of one list below its own start, so the list is gathered once
+  and many blocks share a call (``nested_far``, ``prefix_chunks``); other far keys are gathered
+  per block (measured: unions over several blocks under membership masks never paid off).
 
 Rows (one per query block) fall into: *dense prefix* (leading blocks that keep every causal key:
 dense causal attention), *regular* (the band of width ``b`` is fully kept), *short* (the block's

@@ -51,7 +51,6 @@ class HeadwiseRuntime:
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
         self.capture = capture
         self.tidal: TidalState | None = None
-        self.prompt_lens: torch.Tensor | None = None  # [B] real prompt tokens of the last prefill (MoA spans)
         self._static_cache: dict = {}  # static indices shared by the layers of one forward
         self.kept = {"prefill": 0.0, "decode": 0.0}  # keys attended, summed over (layer, head, query)
         self.causal = {"prefill": 0.0, "decode": 0.0}  # keys dense attention would attend
@@ -65,8 +64,9 @@ class HeadwiseRuntime:
         self.kept = {"prefill": 0.0, "decode": 0.0}
         self.causal = {"prefill": 0.0, "decode": 0.0}
 
-    def _group(self) -> int:
-        return self.num_heads // self.num_kv_heads
+    def _kv_heads(self, device: torch.device) -> torch.Tensor:
+        """``[Hq]`` the KV head each query head reads (GQA)."""
+        return torch.arange(self.num_heads, device=device) // (self.num_heads // self.num_kv_heads)
 
     def start_forward(self) -> None:
         """Called by layer 0: per-forward caches start empty."""
@@ -85,7 +85,7 @@ class HeadwiseRuntime:
             heads = list(range(self.num_heads))
             index = build_layer_prefill_index(
                 self.plan.layer_prefill(layer), heads, self.num_heads, q, k,
-                torch.arange(self.num_heads) // self._group(), s - tq, s + st.planned_generation, st.block_size,
+                self._kv_heads(q.device), s - tq, s + st.planned_generation, st.block_size,
                 num_layer_kv_heads=self.num_kv_heads, dense_below=st.dense_below, scale=scale,
                 cache=self._static_cache)
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
@@ -106,12 +106,12 @@ class HeadwiseRuntime:
         else:
             st = self.plan.settings
             width = self.plan.max_tidal_top_k()
-            if width and (self.tidal is None or self.tidal.max_batch < b):
+            if width and (self.tidal is None or self.tidal.max_batch < b or self.tidal.positions.device != q.device):
                 self.tidal = TidalState(b, self.num_heads, width, device=q.device)
-            prompt = self.prompt_lens if self.prompt_lens is not None and len(self.prompt_lens) == b else seq_lens - 1
             selection = build_layer_decode_selection(
                 self.plan.layer_decode(layer), list(range(self.num_heads)), self.num_heads, q, k_cache, block_table,
-                seq_lens, prompt.to(seq_lens) + st.planned_generation, torch.arange(self.num_heads) // self._group(),
+                # total length = current length + planned generation, as the vLLM backend computes it
+                seq_lens, seq_lens + st.planned_generation, self._kv_heads(q.device),
                 scale=scale, num_layer_kv_heads=self.num_kv_heads, tidal_state=self.tidal,
                 tidal_top_k=st.tidal_top_k, dense_below=st.dense_below)
         self.causal["decode"] += float(seq_lens.sum()) * self.num_heads
@@ -178,8 +178,6 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
             k_cache, v_cache = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
         out[:, 0] = runtime.decode(layer, query[:, :, 0], k_cache, v_cache, seq_lens, scale)
         return out, None
-    if layer == 0 and s == tq:  # a fresh prompt: remember its length for the decode steps (MoA spans)
-        runtime.prompt_lens = torch.tensor([s - p for p in pads], dtype=torch.int32)
     for row in range(b):
         # queries before the row's first real token are padding: their output is never used
         skip = max(0, pads[row] - (s - tq))

@@ -128,3 +128,51 @@ def random_selection(rng: random.Random, batch: int, heads: int, seq_lens: list[
             count[b, h] = len(picked)
             indices[b, h, : len(picked)] = torch.tensor(picked, dtype=torch.int32)
     return DecodeSelection(mode, sink, window, indices, count, block_size)
+
+
+def structured_index(kind: str, heads: int, q_len: int, q_offset: int, *, seed: int, group: int = 1,
+                     block_m: int = 64) -> SparseIndex:
+    """Indices shaped like the pattern families (written here so kernel tests need no patterns):
+
+    ``a_shape``: sink 32 + a 150-key window, the same for every head (identical heads stack);
+    ``a_shape_wide``: sink 32 + a 600-key window (wide enough that several blocks share a call);
+    ``vslash``: per head, random columns + the 64 nearest diagonals (a band) + 3 farther diagonals
+    at head-specific offsets (relative windows that shift with the block: not nested);
+    ``columns``: per head, a band of 40 keys + random columns (nested far keys);
+    ``blocks``: per head and block, the diagonal block + 2 random earlier 64-key blocks;
+    ``strided``: per KV head, 2 local blocks + every 3rd earlier block (shifted per KV head).
+    """
+    rng = random.Random(seed)
+    s = q_offset + q_len
+    nqb = -(-q_len // block_m)
+    col_sets = [sorted(rng.sample(range(s), min(s, 40))) for _ in range(heads)]
+    offs = [[rng.randrange(100, 400) for _ in range(3)] for _ in range(heads)]
+    ranges, cols = [], []
+    for h in range(heads):
+        rr, cc = [], []
+        for b in range(nqb):
+            bs, be = q_offset + b * block_m, min(q_offset + (b + 1) * block_m, s)
+            r: list[tuple[int, int]] = []
+            c: list[int] = []
+            if kind in ("a_shape", "a_shape_wide"):
+                r = [(0, 32), (max(0, bs - (149 if kind == "a_shape" else 599)), be)]
+            elif kind == "vslash":
+                r = [(max(0, bs - 63), be)] + [(max(0, be - o - 64), max(0, be - o)) for o in offs[h]]
+                c = [x for x in col_sets[h] if x < be]
+            elif kind == "columns":
+                r = [(max(0, bs - 40), be)]
+                c = [x for x in col_sets[h] if x < be]
+            elif kind == "blocks":
+                r = [(bs, be)] + [(64 * kb, 64 * kb + 64) for kb in rng.sample(range(bs // 64), min(2, bs // 64))]
+            elif kind == "strided":
+                g = h // group
+                r = [(max(0, bs - 128), be)] + [(64 * kb, 64 * kb + 64) for kb in range(bs // 64) if (kb + g) % 3 == 0]
+            else:
+                raise ValueError(kind)
+            rr.append(r)
+            cc.append(c)
+        ranges.append(rr)
+        cols.append(cc)
+    idx = SparseIndex.from_lists(ranges, cols, q_len, q_offset, block_m)
+    idx.check()
+    return idx

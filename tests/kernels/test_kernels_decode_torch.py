@@ -12,6 +12,7 @@ from kernels_testlib import FP32_ATOL, LSE_ATOL, assert_lse_close, paged_cache, 
 
 from headwise.kernels import (DecodeMode, DecodeSelection, decode_attention_reference, sparse_decode,
                               sparse_decode_torch)
+from headwise.kernels.decode import shared_by_group
 
 
 def _batch(seq_lens, hq, hkv, d, block_size, dtype, seed):
@@ -87,3 +88,32 @@ def test_decode_errors_name_what_was_wrong():
     sel = DecodeSelection.uniform(1, 3, DecodeMode.DENSE)
     with pytest.raises(ValueError, match="expected \\[1, 4 \\(query heads\\) or 2"):
         sparse_decode_torch(q, kc, vc, table, lens, sel)
+
+
+@pytest.mark.parametrize("mode", list(DecodeMode))
+def test_group_shared_selection_on_query_heads(mode):
+    # identical entries for every query head of a GQA group (dense, window, static layers) are
+    # served as one shared row per group: same results as the reference, on the KV-head axis
+    seq_lens = [70, 33]
+    hq, hkv = 6, 2
+    q, kc, vc, table, lens = _batch(seq_lens, hq, hkv, 64, 16, torch.float32, seed=4)
+    per_kv = random_selection(random.Random(int(mode)), 2, hkv, seq_lens, 16, k_max=5, modes=[mode])
+    rep = lambda t: t.repeat_interleave(hq // hkv, dim=1)  # noqa: E731
+    sel = DecodeSelection(rep(per_kv.mode), rep(per_kv.sink), rep(per_kv.window), rep(per_kv.indices),
+                          rep(per_kv.count), per_kv.block_size)
+    assert shared_by_group(sel, hkv).num_heads == hkv
+    out, lse = sparse_decode_torch(q, kc, vc, table, lens, sel, return_lse=True)
+    ref, ref_lse = decode_attention_reference(q, kc, vc, table, lens, sel.to_dense_mask(lens))
+    assert float((out - ref).abs().max()) <= FP32_ATOL
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+def test_group_with_differing_heads_is_not_shared():
+    # one query head of group 1 reads a different window: the selection stays per query head
+    sel = DecodeSelection.uniform(1, 4, DecodeMode.WINDOW, sink=2, window=8)
+    sel.window[0, 3] = 5
+    assert shared_by_group(sel, 2).num_heads == 4
+    # differences in fields a mode ignores do not matter (window data of a DENSE row)
+    dense = DecodeSelection.uniform(1, 4, DecodeMode.DENSE)
+    dense.window[0, 1] = 7
+    assert shared_by_group(dense, 2).num_heads == 2
