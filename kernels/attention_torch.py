@@ -7,7 +7,7 @@
 * ``attend``: softmax attention of padded rows under a boolean mask, with the log-sum-exp.
 * ``dense_attention_lse``: dense causal attention with a query offset (later prefill chunks).
 * ``merge_partials``: combine results over disjoint key sets by their LSEs.
-* ``chunks``: split rows sorted by work into batches whose padded size fits a budget.
+* ``chunks``: split rows sorted by work into batches whose padded size fits a budget (decode).
 
 Why the shapes matter on a CPU (Sapphire Rapids, AMX, one thread; ns per (query, key) pair):
 the fused kernel splits each (batch, head) into query tiles and packs K/V once per (batch, head),
@@ -158,18 +158,3 @@ def chunks(work: list[int], budget: int = KEY_SLOT_BUDGET):
             j += 1
         yield i, j, work[j - 1]
         i = j
-
-
-def in_sorted_ranges(pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``[n, L]`` bool: pos inside one of each row's sorted disjoint ranges ``[start, end)``.
-
-    pos: ``[n, L]`` long; start, end: ``[n, R]`` long; count: ``[n]`` valid ranges per row.
-    """
-    r_max = start.shape[1]
-    slot = torch.arange(r_max, device=pos.device)
-    big = torch.iinfo(torch.int64).max
-    # padding ranges sort last and are empty, so searchsorted never lands inside one
-    st = torch.where(slot < count[:, None], start, big)
-    r = torch.searchsorted(st, pos.contiguous(), right=True) - 1
-    hit_end = torch.gather(end, 1, r.clamp(min=0))
-    return (r >= 0) & (pos < hit_end)
