@@ -102,17 +102,20 @@ def run_hf(model, tokenizer, plan, items: list[dict], max_new_tokens: int, batch
                                                add_generation_prompt=True, tokenize=False) for it in batch]
         enc = tokenizer(texts, return_tensors="pt", add_special_tokens=False, padding=True).to(device)
         t0 = time.monotonic()
+        runtime.reset_stats()  # density per batch, so each length gets its own figure
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         seconds = (time.monotonic() - t0) / len(batch)
+        density = runtime.density()
         for j, it in enumerate(batch):
             reply = tokenizer.decode(out[j, enc.input_ids.shape[1]:], skip_special_tokens=True)
             results.append({**{k: it[k] for k in ("task", "length", "seed", "answer", "prompt_tokens")},
-                            "reply": reply, "correct": _grade(it, reply), "seconds": round(seconds, 3)})
+                            "reply": reply, "correct": _grade(it, reply), "seconds": round(seconds, 3),
+                            "density": density})
         log(f"{min(i + batch_size, len(items))}/{len(items)} answered ({time.monotonic() - started:.0f}s)")
     hf.detach_plan(model)
-    return {"results": results, "density": runtime.density()}
+    return {"results": results}
 
 
 # -------------------------------------------------------------------- server target
@@ -139,26 +142,34 @@ def run_server(url: str, items: list[dict], max_new_tokens: int, served_model: s
 
 # ---------------------------------------------------------------------------- report
 def summarise(results: list[dict]) -> dict[str, dict[str, dict]]:
-    """``{task: {length: {"correct", "total", "accuracy"}}}``."""
+    """``{task: {length: {"correct", "total", "accuracy", "prefill_density", "decode_density"}}}``
+    (densities: mean over the cell's prompts, HF only; a batch's figure counts for each of its rows)."""
     table: dict[str, dict[str, dict]] = {}
     for r in results:
-        cell = table.setdefault(r["task"], {}).setdefault(str(r["length"]), {"correct": 0, "total": 0})
+        cell = table.setdefault(r["task"], {}).setdefault(str(r["length"]), {"correct": 0, "total": 0, "_d": []})
         cell["correct"] += int(r["correct"])
         cell["total"] += 1
+        if r.get("density"):
+            cell["_d"].append(r["density"])
     for row in table.values():
         for cell in row.values():
             cell["accuracy"] = cell["correct"] / cell["total"]
+            dens = cell.pop("_d")
+            for phase in ("prefill", "decode"):
+                values = [d[phase] for d in dens if d.get(phase) is not None]
+                cell[f"{phase}_density"] = sum(values) / len(values) if values else None
     return table
 
 
 def format_table(targets: list[dict]) -> str:
-    lines = [f"{'target':<48} {'task':<18} {'length':>6} {'accuracy':>9} {'n':>4} {'prefill dens.':>13}"]
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [f"{'target':<44} {'task':<18} {'length':>6} {'accuracy':>9} {'n':>4} {'prefill dens.':>13} "
+             f"{'decode dens.':>12}"]
     for t in targets:
-        dens = (t.get("density") or {}).get("prefill")
         for task, row in t["summary"].items():
             for length, cell in row.items():
-                lines.append(f"{t['name'][-48:]:<48} {task:<18} {length:>6} {cell['accuracy']:>9.1%} "
-                             f"{cell['total']:>4} {'-' if dens is None else f'{dens:.1%}':>13}")
+                lines.append(f"{t['name'][-44:]:<44} {task:<18} {length:>6} {cell['accuracy']:>9.1%} "
+                             f"{cell['total']:>4} {pct(cell['prefill_density']):>13} {pct(cell['decode_density']):>12}")
     return "\n".join(lines)
 
 
