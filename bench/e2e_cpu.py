@@ -54,8 +54,8 @@ def run_mode(args: argparse.Namespace) -> None:
         from headwise.server.plugin import engine_args
 
         validate_plan_for_model(args.mode, model)
-        kw = engine_args(args.mode, **kw)
-        stats_dir = kw["additional_config"]["headwise"]["stats_dir"]
+        stats_dir = str(Path(args.out).with_suffix(".stats"))  # inside the orchestrator's temp dir
+        kw = engine_args(args.mode, stats_dir=stats_dir, **kw)
     started = time.perf_counter()
     llm = vllm.LLM(model, **kw)
     startup = time.perf_counter() - started

@@ -14,6 +14,7 @@ are closer than ``TIE_NATS``. Agreeing near-ties are compared through.
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,10 +52,11 @@ def engine(plan: str | os.PathLike | None = None, **kw):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; keeps several engines in 24 GiB
     before = _children()
     kw = {**BASE_KW, **kw}
+    stats = tempfile.TemporaryDirectory(prefix="headwise-test-stats-")
     if plan is None:
         plugin.disable()
     else:
-        kw = plugin.engine_args(plan, **kw)
+        kw = plugin.engine_args(plan, stats_dir=stats.name, **kw)
     llm = None
     try:
         llm = vllm.LLM(resolve_model(None), **kw)
@@ -68,6 +70,7 @@ def engine(plan: str | os.PathLike | None = None, **kw):
                 pass
         stop_new_processes(before)
         plugin.disable()
+        stats.cleanup()
 
 
 def chat_prompt(llm, text: str) -> str:
