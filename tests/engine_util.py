@@ -33,13 +33,24 @@ def _children() -> set[int]:
 
 
 def stop_new_processes(before: set[int]) -> None:
-    procs = [psutil.Process(pid) for pid in _children() - before if psutil.pid_exists(pid)]
-    for p in procs:
+    """Stop what the engine started: let it exit after shutdown, then kill what is left. The
+    multiprocessing resource tracker is this process's helper (it unlinks shared memory the engine
+    leaves behind), not part of the engine: it stays."""
+    procs = []
+    for pid in _children() - before:
+        try:
+            p = psutil.Process(pid)
+            if not any("resource_tracker" in part for part in p.cmdline()):
+                procs.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    psutil.wait_procs(alive, timeout=30)
 
 
 @contextmanager
