@@ -191,7 +191,8 @@ def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: fl
     m_max = m_all[:, rows].amax(0).tolist()
     heads = [h for it in items for h in it[0].heads]
     one_view = s == 1 and adjacent(heads)
-    for i, j, w in prefix_chunks(m_max, max(1, PAIR_BUDGET // (s * bm * len(items)))):
+    per_row = s * bm * len(items)  # queries of one row across the batch
+    for i, j, w in prefix_chunks(m_max, max(1, PAIR_BUDGET // per_row), per_row):
         n = j - i
         rows_i = rows[None, i:j]
         m = m_all[:, rows[i:j]]  # [P, n]

@@ -230,18 +230,19 @@ def nested_far(index: SparseIndex, head: int, rows: torch.Tensor, far_start: tor
 CALL_PAIRS = 150_000  # one more call (plus its merge) costs about as much as this many padded pairs
 
 
-def prefix_chunks(m: list[int], per_query_budget: int, slack: float = 0.15):
+def prefix_chunks(m: list[int], per_query_budget: int, queries_per_row: int = 64, slack: float = 0.15):
     """Runs ``(i, j, L)`` of consecutive rows sharing the first ``L`` keys of a list, row r seeing
     its first ``m[r]``. A run grows while its padding (pairs computed but masked) stays within
-    ``slack`` of the pairs its rows need plus ``CALL_PAIRS`` per row of 64 queries (what a
-    separate call would cost), and ``(j - i) * L <= per_query_budget``."""
+    ``slack`` of the pairs its rows need plus ``CALL_PAIRS`` (what a separate call would cost),
+    and ``(j - i) * L <= per_query_budget``."""
     i = 0
     while i < len(m):
         j, width, need = i + 1, m[i], m[i]
         while j < len(m):
             w2 = max(width, m[j])
             padded = (j + 1 - i) * w2
-            if padded > per_query_budget or (padded - need - m[j]) * 64 > slack * (need + m[j]) * 64 + CALL_PAIRS:
+            waste = (padded - need - m[j]) * queries_per_row
+            if padded > per_query_budget or waste > slack * (need + m[j]) * queries_per_row + CALL_PAIRS:
                 break
             width, need, j = w2, need + m[j], j + 1
         yield i, j, max(1, width)

@@ -24,11 +24,13 @@ DECODE_MODES = ("auto", "tidal", "matched", "dense")
 
 
 class TidalScores:
-    """``reuse[j, l]``: mean mass layer ``l``'s answer rows keep on layer ``j``'s top-``k`` pick."""
+    """``reuse[j, l, h]``: mean mass head ``h`` of layer ``l`` keeps, over the answer rows, on the
+    top-``k`` positions head ``h`` of layer ``j`` picks (a reuse layer reads the pick of the same
+    query head)."""
 
-    def __init__(self, num_layers: int, top_k: int):
+    def __init__(self, num_layers: int, top_k: int, num_heads: int = 1):
         self.num_layers, self.top_k = num_layers, top_k
-        self.mass_sum = np.zeros((num_layers, num_layers))
+        self.mass_sum = np.zeros((num_layers, num_layers, num_heads))
         self.count = np.zeros((num_layers, num_layers), dtype=np.int64)
         self._picks: dict[int, torch.Tensor] = {}  # this prompt's picks per layer: [H, n, k]
 
@@ -44,16 +46,18 @@ class TidalScores:
         # by q . k within a row, since softmax is monotonic
         scores[:, torch.arange(len(pos)), pos] = float("inf")
         k = min(self.top_k, probs.shape[-1])
+        if self.mass_sum.shape[2] != probs.shape[0]:
+            raise ValueError(f"TidalScores: built for {self.mass_sum.shape[2]} heads, the sample has {probs.shape[0]}")
         for j, pick in self._picks.items():
             kept = probs.gather(-1, pick).sum(-1)  # [H, n]
-            self.mass_sum[j, layer] += float(kept.mean())
+            self.mass_sum[j, layer] += kept.mean(-1).double().numpy()
             self.count[j, layer] += 1
         self._picks[layer] = scores.topk(k, dim=-1).indices
 
     def reuse(self) -> np.ndarray:
-        """``[L, L]`` mean kept mass (``nan`` where not measured, i.e. ``j >= l``)."""
-        with np.errstate(invalid="ignore"):
-            return np.where(self.count > 0, self.mass_sum / np.maximum(self.count, 1), np.nan)
+        """``[L, L, H]`` mean kept mass (``nan`` where not measured, i.e. ``j >= l``)."""
+        count = self.count[..., None]
+        return np.where(count > 0, self.mass_sum / np.maximum(count, 1), np.nan)
 
 
 def choose_select_layers(reuse: np.ndarray, selections: int, first: int = 2) -> tuple[list[int], float]:
@@ -105,14 +109,16 @@ def default_select_layers(num_layers: int, first: int = 2, selections: int = 4) 
 
 
 def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], mode: str = "auto",
-               top_k: int | None = None) -> PatternModel:
+               top_k: int | None = None, reuse_ok: bool = True) -> PatternModel:
     """The decode spec of one head, given its prefill spec and the TidalDecode schedule.
 
     * window-like prefill (``a_shape``, ``elastic_window``, ``strided``) keeps the same span in
       decode (``auto``/``matched``): the profile measured that span on the answer rows;
     * other heads follow TidalDecode (``auto``/``tidal``): dense before the first selection
       layer, ``select`` on selection layers (every head of such a layer selects, so a later
-      ``reuse`` always has a pick), ``reuse`` elsewhere; ``matched`` keeps them dense.
+      ``reuse`` always has a pick), ``reuse`` elsewhere; ``matched`` keeps them dense;
+    * ``reuse_ok=False`` (the head was measured to lose too much of its attention on the pick it
+      would reuse) keeps a would-be ``reuse`` head dense.
     """
     from .dense import Dense
     from .tidal import Tidal
@@ -130,6 +136,6 @@ def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], 
             return Window(sink=prefill.sink, window=prefill.window)
         if prefill.type in ("elastic_window", "strided"):
             return prefill
-    if tidal_on and layer > min(select_layers):
+    if tidal_on and layer > min(select_layers) and reuse_ok:
         return Tidal(role="reuse", top_k=top_k)
     return Dense()

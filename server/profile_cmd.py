@@ -41,6 +41,7 @@ class ProfileConfig:
     tidal_top_k: int = 256
     select_layers: tuple[int, ...] | None = None  # default: chosen from the measured reuse mass
     selections: int = 4  # TidalDecode selection layers to place
+    min_reuse_mass: float = 0.9  # a head keeping less of its answer-row mass on the reused pick decodes densely
     planned_generation: int = 256
     dtype: str = "bfloat16"
     device: str = "cpu"
@@ -57,8 +58,10 @@ def calibration_ids(tokenizer, length: int, index: int, cfg: ProfileConfig):
 
     name = cfg.tasks[index % len(cfg.tasks)]
     seed = cfg.seed * 1000 + index
-    msgs = [{"role": "user", "content": "x"}]
-    overhead = len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) + 16
+    # the chat template and the reply add tokens around the task: leave room for them
+    frame = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content":
+                                           "The answer is 1234567."}], tokenize=False)
+    overhead = len(tokenizer(frame, add_special_tokens=False).input_ids)
     task = make_task(name, tokenizer, max(64, length - overhead), seed=seed)
     text = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt},
                                           {"role": "assistant", "content": f"The answer is {task.answer}."}],
@@ -115,7 +118,7 @@ class Measurements:
         scores.mass_sum, scores.density_sum, scores.count = data["mass_sum"], data["density_sum"], data["count"]
         tidal = None
         if "tidal_sum" in data:
-            tidal = TidalScores(n_layers, header["tidal_top_k"])
+            tidal = TidalScores(n_layers, header["tidal_top_k"], data["tidal_sum"].shape[2])
             tidal.mass_sum, tidal.count = data["tidal_sum"], data["tidal_count"]
         return cls(header["geometry"], header["model_path"], scores, tidal,
                    {int(k): v for k, v in header["prompt_tokens"].items()}, header["seconds"])
@@ -149,7 +152,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
         model.model.layers = model.model.layers[:scored_layers]
         model.config.num_hidden_layers = scored_layers
     scores = ProfileScores(scored_layers, n_heads, candidates, lengths)
-    tidal = TidalScores(scored_layers, cfg.tidal_top_k)
+    tidal = TidalScores(scored_layers, cfg.tidal_top_k, n_heads)
     current = {"li": 0}
 
     def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -181,7 +184,7 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
 
     from headwise.patterns.plan import ModelGeometry, Plan, Settings
     from headwise.patterns.profile import choose_patterns, describe
-    from headwise.patterns.profile_decode import choose_select_layers, decode_for
+    from headwise.patterns.profile_decode import choose_select_layers, decode_for, default_select_layers
 
     geo, scores = meas.geometry, meas.scores
     n_layers, n_heads = geo["num_layers"], geo["num_heads"]
@@ -200,19 +203,34 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
          + ", ".join(f"{n}: {d:.3f}" for n, d in zip(lengths, choice.density)))
 
     decode_mass = None
+    measured = meas.tidal is not None and scored_layers == n_layers
+    reuse = meas.tidal.reuse() if measured else None  # [L, L, H]
     if cfg.select_layers is not None:
         select = list(cfg.select_layers)
-    elif cfg.decode in ("auto", "tidal") and meas.tidal is not None and scored_layers == n_layers:
-        select, decode_mass = choose_select_layers(meas.tidal.reuse(), cfg.selections)
+    elif cfg.decode in ("auto", "tidal") and measured:
+        select, decode_mass = choose_select_layers(reuse.mean(-1), cfg.selections)
         _log(f"TidalDecode: selection layers {select} keep {decode_mass:.4f} of the answer rows' mass "
-             f"(top-{meas.tidal.top_k})")
+             f"(top-{meas.tidal.top_k}, mean over heads)")
     else:
-        from headwise.patterns.profile_decode import default_select_layers
-
         select = default_select_layers(n_layers, selections=cfg.selections)
+
+    def reuse_ok(layer: int, head: int) -> bool:
+        # the head would reuse the pick of the latest selection layer: keep it only if that keeps
+        # enough of the head's own attention (query heads of different layers need not agree)
+        earlier = [s for s in select if s < layer]
+        if not measured or not earlier or cfg.decode != "auto":
+            return True
+        return bool(reuse[max(earlier), layer, head] >= cfg.min_reuse_mass)
+
     prefill = [[candidates[choice.pick[l, h]] if l < scored_layers else candidates[0] for h in range(n_heads)]
                for l in range(n_layers)]
-    decode = [[decode_for(prefill[l][h], l, select, cfg.decode) for h in range(n_heads)] for l in range(n_layers)]
+    decode = [[decode_for(prefill[l][h], l, select, cfg.decode, reuse_ok=reuse_ok(l, h)) for h in range(n_heads)]
+              for l in range(n_layers)]
+    dense_reuse = sum(1 for l in range(n_layers) for h in range(n_heads)
+                      if decode[l][h].type == "dense" and l > min(select or [n_layers]))
+    if dense_reuse:
+        _log(f"TidalDecode: {dense_reuse} (layer, head) pairs decode densely: reusing the pick would keep "
+             f"less than {cfg.min_reuse_mass} of their attention")
     counts: dict[str, int] = {}
     for row in prefill:
         for spec in row:
@@ -225,13 +243,15 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
         "measured_density": {str(n): round(d, 4) for n, d in zip(lengths, choice.density)},
         "patterns": counts, "select_layers": select, "tidal_top_k": cfg.tidal_top_k,
         "decode_mass": None if decode_mass is None else round(decode_mass, 4), "decode": cfg.decode,
+        "dense_reuse_heads": dense_reuse, "min_reuse_mass": cfg.min_reuse_mass,
         "milp": choice.status, "candidates": [describe(c) for c in candidates], "scored_layers": scored_layers,
         "measure_seconds": meas.seconds, "dense_kept_mass": float(np.mean(mass[..., 0, :])),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     description = ("profiled by `headwise profile`: " + "; ".join(
         f"{k}={report[k]}" for k in ("lengths", "prompts", "tasks", "seed", "density_budget", "measured_density",
-                                     "kept_mass", "select_layers", "tidal_top_k", "decode_mass", "created")))
+                                     "kept_mass", "select_layers", "tidal_top_k", "decode_mass", "min_reuse_mass",
+                                     "dense_reuse_heads", "created")))
     geometry = ModelGeometry(name=Path(meas.model_path).name, **{
         k: geo[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")})
     settings = Settings(dense_below=dense_below, tidal_top_k=cfg.tidal_top_k,
@@ -281,6 +301,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--planned-generation", type=int, default=d.planned_generation, help="tokens assumed generated (MoA spans)")
     p.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=d.device, help="torch device (cpu, cuda)")
+    p.add_argument("--min-reuse-mass", type=float, default=d.min_reuse_mass,
+                   help="decode: a head keeping less of its attention on the reused TidalDecode pick stays dense "
+                        "(default 0.9; 0 disables)")
     p.add_argument("--save-scores", type=Path, default=None, help="also write the raw measurements (.npz)")
     p.add_argument("--from-scores", type=Path, default=None,
                    help="skip the model run: re-solve from measurements saved by --save-scores")
@@ -309,6 +332,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         sample_blocks=args.sample_blocks, max_per_layer=args.max_per_layer or None,
                         per_length=args.per_length, dense_below=args.dense_below, decode=args.decode,
                         tidal_top_k=args.tidal_top_k, select_layers=args.select_layers, selections=args.selections,
+                        min_reuse_mass=args.min_reuse_mass,
                         planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
     try:
         if args.from_scores:

@@ -172,17 +172,20 @@ def test_decode_rules_give_a_valid_plan_for_mixed_heads():
     assert plan.decode(5, 2).type == "tidal" and plan.prefill(1, 0) == AShape(sink=8, window=64)
     assert all(decode_for(p, 3, select, "dense").type == "dense" for p in pre[0])
     assert decode_for(pre[0][1], 3, select, "matched").type == "dense"
+    assert decode_for(pre[0][1], 3, select, "auto", reuse_ok=False).type == "dense"  # measured to lose too much
+    assert decode_for(pre[0][0], 3, select, "auto", reuse_ok=False).type == "window"
     with pytest.raises(ValueError, match="decode mode"):
         decode_for(Dense(), 0, select, "sometimes")
 
 
 # ------------------------------------------------------------------ TidalDecode schedule
-def _sample_on(position: int, s: int = 40, heads: int = 2) -> RowSample:
-    """Rows 32..39 (one block of 64 holds them all) putting 90% of their mass on ``position``."""
+def _sample_on(positions: list[int], s: int = 40) -> RowSample:
+    """Rows 32..39 (one block of 64 holds them all); head ``h`` puts 90% of its mass on ``positions[h]``."""
     rows = torch.arange(32, s)
-    probs = torch.zeros(heads, len(rows), s)
-    probs[..., position] = 0.9
-    probs[..., :32] += 0.1 / 32
+    probs = torch.full((len(positions), len(rows), s), 0.0)
+    probs[..., :32] = 0.1 / 32
+    for h, p in enumerate(positions):
+        probs[h, :, p] += 0.9
     prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
     return RowSample([0], rows, probs, prefix)
 
@@ -190,13 +193,18 @@ def _sample_on(position: int, s: int = 40, heads: int = 2) -> RowSample:
 def test_tidal_scores_measure_how_much_a_later_layer_keeps_of_an_earlier_pick():
     from headwise.patterns.profile_decode import TidalScores
 
-    ts = TidalScores(num_layers=3, top_k=2)  # the pick: the needle and the current token
-    for layer, needle in enumerate([5, 5, 9]):
-        ts.add(layer, _sample_on(needle))
-    reuse = ts.reuse()
-    assert reuse[0, 1] == pytest.approx(0.9 + 0.1 / 32, abs=1e-6)  # same needle: kept
-    assert reuse[0, 2] < 0.01 and reuse[1, 2] < 0.01  # a different needle: lost
-    assert np.isnan(reuse[1, 0]) and np.isnan(reuse[2, 2])  # only earlier picks are measured
+    ts = TidalScores(num_layers=3, top_k=2, num_heads=2)  # the pick: the needle and the current token
+    for layer, needles in enumerate([[5, 7], [5, 8], [9, 7]]):  # per head: the needle each head reads
+        ts.add(layer, _sample_on(needles))
+    reuse = ts.reuse()  # [L, L, H]
+    kept = 0.9 + 0.1 / 32
+    assert reuse[0, 1, 0] == pytest.approx(kept, abs=1e-6)  # head 0 reads 5 in layers 0 and 1: kept
+    assert reuse[0, 1, 1] < 0.01  # head 1 moved from 7 to 8: lost
+    assert reuse[0, 2, 1] == pytest.approx(kept, abs=1e-6) and reuse[1, 2, 1] < 0.01
+    assert reuse[0, 2, 0] < 0.01 and reuse[1, 2, 0] < 0.01
+    assert np.isnan(reuse[1, 0]).all() and np.isnan(reuse[2, 2]).all()  # only earlier picks are measured
+    with pytest.raises(ValueError, match="heads"):
+        ts.add(0, _sample_on([5]))
 
 
 @pytest.mark.parametrize("seed", range(3))
