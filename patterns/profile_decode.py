@@ -112,13 +112,15 @@ def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], 
                top_k: int | None = None, reuse_ok: bool = True) -> PatternModel:
     """The decode spec of one head, given its prefill spec and the TidalDecode schedule.
 
-    * window-like prefill (``a_shape``, ``elastic_window``, ``strided``) keeps the same span in
-      decode (``auto``/``matched``): the profile measured that span on the answer rows;
-    * other heads follow TidalDecode (``auto``/``tidal``): dense before the first selection
+    * ``auto`` and ``tidal``: every head follows TidalDecode: dense before the first selection
       layer, ``select`` on selection layers (every head of such a layer selects, so a later
-      ``reuse`` always has a pick), ``reuse`` elsewhere; ``matched`` keeps them dense;
-    * ``reuse_ok=False`` (the head was measured to lose too much of its attention on the pick it
-      would reuse) keeps a would-be ``reuse`` head dense.
+      ``reuse`` always has a pick), ``reuse`` elsewhere. In ``auto`` a head measured to lose too
+      much of its attention on the pick it would reuse (``reuse_ok=False``) stays dense.
+    * ``matched``: window-like prefill (``a_shape``, ``elastic_window``, ``strided``) keeps the
+      same span in decode, every other head is dense. Not the default: on SmolLM2 at 2K tokens,
+      windowed decode heads whose prefill windows kept ~all their mass still lost passkeys (the
+      few answer tokens that copy the needle are what matters, not the mean).
+    * ``dense``: every head dense.
     """
     from .dense import Dense
     from .tidal import Tidal
@@ -128,14 +130,16 @@ def decode_for(prefill: PatternModel, layer: int, select_layers: Sequence[int], 
         raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
     if mode == "dense":
         return Dense()
-    tidal_on = mode in ("auto", "tidal") and bool(select_layers)
-    if tidal_on and layer in select_layers:
-        return Tidal(role="select", top_k=top_k)
-    if mode in ("auto", "matched"):
+    if mode == "matched":
         if prefill.type == "a_shape":
             return Window(sink=prefill.sink, window=prefill.window)
         if prefill.type in ("elastic_window", "strided"):
             return prefill
-    if tidal_on and layer > min(select_layers) and reuse_ok:
-        return Tidal(role="reuse", top_k=top_k)
-    return Dense()
+        return Dense()
+    if not select_layers or layer < min(select_layers):
+        return Dense()
+    if layer in select_layers:
+        return Tidal(role="select", top_k=top_k)
+    if mode == "auto" and not reuse_ok:
+        return Dense()
+    return Tidal(role="reuse", top_k=top_k)

@@ -36,7 +36,7 @@ class ProfileConfig:
     sample_blocks: int = 4  # query blocks of 64 scored per prompt
     max_per_layer: int | None = 3  # distinct prefill patterns per layer (None: no limit)
     per_length: bool = False  # budget at every length instead of on the mean over lengths
-    dense_below: int | None = None  # default: the shortest calibration length
+    dense_below: int | None = None  # default: the shortest calibration prompt, rounded down to 64
     decode: str = "auto"
     tidal_top_k: int = 256
     select_layers: tuple[int, ...] | None = None  # default: chosen from the measured reuse mass
@@ -190,7 +190,10 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
     n_layers, n_heads = geo["num_layers"], geo["num_heads"]
     scored_layers = scores.num_layers
     lengths, candidates = scores.lengths, scores.candidates
-    dense_below = min(lengths) if cfg.dense_below is None else cfg.dense_below
+    # default: sparse from the shortest prompt that was measured (rounded down to a block), so a
+    # prompt like the calibration ones never falls back to dense
+    shortest = min(min(v) for v in meas.prompt_tokens.values() if v) if any(meas.prompt_tokens.values()) else min(lengths)
+    dense_below = (shortest // 64) * 64 if cfg.dense_below is None else cfg.dense_below
     mass, density = scores.mass(), scores.density()  # [L, H, C, N]
     for li, n in enumerate(lengths):
         if n < dense_below:
@@ -291,9 +294,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-per-layer", type=int, default=d.max_per_layer,
                    help="distinct prefill patterns per layer (0: no limit; default 3)")
     p.add_argument("--per-length", action="store_true", help="hold the budget at every length, not on the mean")
-    p.add_argument("--dense-below", type=int, default=None, help="plan's dense_below (default: shortest length)")
+    p.add_argument("--dense-below", type=int, default=None, help="plan's dense_below (default: shortest calibration prompt, rounded down to 64)")
     p.add_argument("--decode", choices=("auto", "tidal", "matched", "dense"), default=d.decode,
-                   help="decode rule: auto = windows keep their span, others TidalDecode (default)")
+                   help="decode rule: auto = TidalDecode, dense for heads measured to lose on reuse (default); "
+                        "tidal = TidalDecode everywhere; matched = window heads keep their span, others dense")
     p.add_argument("--tidal-top-k", type=int, default=d.tidal_top_k, help="TidalDecode tokens per head (default 256)")
     p.add_argument("--select-layers", type=_int_list, default=None,
                    help="TidalDecode selection layers (default: placed by the measured reuse mass)")

@@ -159,21 +159,23 @@ def test_default_select_layers_start_at_two_and_spread():
 
 
 def test_decode_rules_give_a_valid_plan_for_mixed_heads():
-    # every head of a select layer selects, so a head that is windowed there can still reuse later
     layers, heads = 6, 3
     pre = [[AShape(sink=8, window=64), VerticalSlash(), Dense()] for _ in range(layers)]
     select = [2, 4]
-    dec = [[decode_for(pre[l][h], l, select, "auto") for h in range(heads)] for l in range(layers)]
-    assert dec[0][1].type == "dense" and dec[2][0].type == "tidal" and dec[2][0].role == "select"
-    assert dec[3][0].type == "window" and dec[3][0].window == 64 and dec[3][1].role == "reuse"
+    # head 1 of layer 3 was measured to lose too much on the reused pick
+    dec = [[decode_for(pre[l][h], l, select, "auto", reuse_ok=(l, h) != (3, 1)) for h in range(heads)]
+           for l in range(layers)]
+    assert [d.type for d in dec[0]] == ["dense"] * 3  # before the first selection
+    assert all(d.type == "tidal" and d.role == "select" for d in dec[2] + dec[4])
+    assert [d.type for d in dec[3]] == ["tidal", "dense", "tidal"] and dec[5][1].role == "reuse"
     geometry = ModelGeometry(architecture="LlamaForCausalLM", num_layers=layers, num_heads=heads,
                              num_kv_heads=1, head_dim=64)
-    plan = Plan.from_tables(geometry, pre, dec)
+    plan = Plan.from_tables(geometry, pre, dec)  # the plan's own check: every reuse has a select before it
     assert plan.decode(5, 2).type == "tidal" and plan.prefill(1, 0) == AShape(sink=8, window=64)
+    assert decode_for(pre[0][1], 3, select, "tidal", reuse_ok=False).role == "reuse"  # tidal: no fallback
+    matched = [decode_for(p, 3, select, "matched") for p in pre[0]]
+    assert matched[0].type == "window" and matched[0].window == 64 and matched[1].type == matched[2].type == "dense"
     assert all(decode_for(p, 3, select, "dense").type == "dense" for p in pre[0])
-    assert decode_for(pre[0][1], 3, select, "matched").type == "dense"
-    assert decode_for(pre[0][1], 3, select, "auto", reuse_ok=False).type == "dense"  # measured to lose too much
-    assert decode_for(pre[0][0], 3, select, "auto", reuse_ok=False).type == "window"
     with pytest.raises(ValueError, match="decode mode"):
         decode_for(Dense(), 0, select, "sometimes")
 
