@@ -60,16 +60,13 @@ def _grade(item: dict, reply: str) -> bool:
 
 # ------------------------------------------------------------------------ HF target
 def load_hf(model_path: str, dtype: str = "bfloat16", device: str = "cpu"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from headwise.server import hf
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"  # the headwise attention accepts left padding only
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                 attn_implementation=hf.ATTN_NAME)
-    return tokenizer, model.to(device).eval()
+    return tokenizer, hf.load_model(model_path, dtype, device)
 
 
 def resolve_plan(spec: str, model_path: str):
@@ -163,12 +160,13 @@ def summarise(results: list[dict]) -> dict[str, dict[str, dict]]:
 
 def format_table(targets: list[dict]) -> str:
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-    lines = [f"{'target':<44} {'task':<18} {'length':>6} {'accuracy':>9} {'n':>4} {'prefill dens.':>13} "
+    w = max([6] + [len(t["name"]) for t in targets])
+    lines = [f"{'target':<{w}} {'task':<18} {'length':>6} {'accuracy':>9} {'n':>4} {'prefill dens.':>13} "
              f"{'decode dens.':>12}"]
     for t in targets:
         for task, row in t["summary"].items():
             for length, cell in row.items():
-                lines.append(f"{t['name'][-44:]:<44} {task:<18} {length:>6} {cell['accuracy']:>9.1%} "
+                lines.append(f"{t['name']:<{w}} {task:<18} {length:>6} {cell['accuracy']:>9.1%} "
                              f"{cell['total']:>4} {pct(cell['prefill_density']):>13} {pct(cell['decode_density']):>12}")
     return "\n".join(lines)
 

@@ -241,6 +241,21 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
     return runtime
 
 
+def load_model(path: str, dtype: str = "bfloat16", device: str = "cpu") -> torch.nn.Module:
+    """``AutoModelForCausalLM`` with the headwise attention, in eval mode on ``device``.
+
+    transformers 4.56 renamed ``torch_dtype`` to ``dtype``; older 4.5x releases get the old name.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_NAME,
+                                                 **{key: getattr(torch, dtype)})
+    return model.to(device).eval()
+
+
 def detach_plan(model: torch.nn.Module) -> None:
     for m in _attention_modules(model):
         m.__dict__.pop("_headwise_runtime", None)

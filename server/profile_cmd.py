@@ -127,7 +127,7 @@ class Measurements:
 def measure(cfg: ProfileConfig) -> Measurements:
     """Run the model on the calibration prompts and score every head (the slow part)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from headwise.patterns.profile import ProfileScores, default_candidates, score_layer
     from headwise.patterns.profile_decode import TidalScores
@@ -146,8 +146,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
          f"lengths {lengths}; {cfg.prompts} prompts per length")
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), attn_implementation=hf.ATTN_NAME)
-    model.to(cfg.device).eval()
+    model = hf.load_model(path, cfg.dtype, cfg.device)
     if scored_layers < n_layers:  # tests: a truncated model scores its first layers only
         model.model.layers = model.model.layers[:scored_layers]
         model.config.num_hidden_layers = scored_layers
@@ -230,7 +229,7 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
     decode = [[decode_for(prefill[l][h], l, select, cfg.decode, reuse_ok=reuse_ok(l, h)) for h in range(n_heads)]
               for l in range(n_layers)]
     dense_reuse = sum(1 for l in range(n_layers) for h in range(n_heads)
-                      if decode[l][h].type == "dense" and l > min(select or [n_layers]))
+                      if cfg.decode == "auto" and not reuse_ok(l, h) and l not in select)
     if dense_reuse:
         _log(f"TidalDecode: {dense_reuse} (layer, head) pairs decode densely: reusing the pick would keep "
              f"less than {cfg.min_reuse_mass} of their attention")

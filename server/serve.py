@@ -109,12 +109,15 @@ class Launch:
     plan: str | None  # None: stock vLLM attention
     defaults: list[str] = field(default_factory=list)  # the defaults applied, for the start log
     owned_stats_dir: str | None = None  # a temporary directory this launch created (removed at exit)
+    unset: list[str] = field(default_factory=list)  # environment variables removed before vLLM starts
 
     def command_line(self) -> str:
         import shlex
 
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        return f"{env} vllm serve {shlex.join(self.argv)}".strip()
+        words = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        if self.unset:
+            words = ["env", *(f"-u {k}" for k in self.unset), *words]
+        return " ".join([*words, "vllm serve", shlex.join(self.argv)])
 
 
 def _on_cpu() -> bool:
@@ -228,9 +231,14 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
     if embedded and user.max_model_len is None:
         argv += ["--max-model-len", str(EMBEDDED_MAX_MODEL_LEN)]
         defaults.append(f"max-model-len {EMBEDDED_MAX_MODEL_LEN}")
+    unset: list[str] = []
     if on_cpu and user.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         argv += ["--kv-cache-memory-bytes", CPU_KV_CACHE_BYTES]
         defaults.append(f"KV cache {CPU_KV_CACHE_BYTES}iB on CPU (change with --kv-cache-memory-bytes)")
+    elif on_cpu and user.kv_cache_memory_bytes is not None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # vLLM's CPU platform lets the legacy variable silently replace the flag; the flag is explicit
+        unset.append("VLLM_CPU_KVCACHE_SPACE")
+        defaults.append("VLLM_CPU_KVCACHE_SPACE ignored: --kv-cache-memory-bytes was given")
     if on_cpu and not _compilation_chosen(user, extra):
         argv += ["--enforce-eager"]
         defaults.append("--enforce-eager on CPU (pass -O1 or --no-enforce-eager to compile)")
@@ -263,7 +271,7 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
     elif plan:
         raise ServeError("--plan and --no-headwise contradict each other; pass one of them")
     argv += ["--middleware", ROUTES_MIDDLEWARE]
-    return Launch(argv, env, model_path, str(plan_path) if plan_path else None, defaults, owned)
+    return Launch(argv, env, model_path, str(plan_path) if plan_path else None, defaults, owned, unset)
 
 
 # ------------------------------------------------------------------------ running it
@@ -283,6 +291,8 @@ def _cli_env_setup() -> None:
 def run_launch(launch: Launch) -> int:
     """Run vLLM's serve subcommand for ``launch`` in this process; returns the exit status."""
     os.environ.update(launch.env)
+    for key in launch.unset:
+        os.environ.pop(key, None)
     try:
         args = parse_vllm_args(launch.argv)
         _cli_env_setup()

@@ -242,6 +242,21 @@ def _get(server, path: str) -> httpx.Response:
     return httpx.get(f"{server.url}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
+def _settled_stats(server) -> dict:
+    """The stats once the workers have published everything earlier tests ran (unchanged for 3 periods)."""
+    from headwise.server.stats import PUBLISH_INTERVAL_S
+
+    last = _get(server, "/v1/headwise/stats").json()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(3 * PUBLISH_INTERVAL_S)
+        now = _get(server, "/v1/headwise/stats").json()
+        if now["tokens"] == last["tokens"] and now["requests"] == last["requests"]:
+            return now
+        last = now
+    pytest.fail(f"the workers' stats never settled: {last['tokens']}")
+
+
 def test_plan_route_describes_the_shipped_plan(server):
     num_layers = json.loads((default_model_dir() / "config.json").read_text())["num_hidden_layers"]
     plan = _get(server, "/v1/headwise/plan").json()
@@ -259,7 +274,7 @@ def test_a_long_prompt_runs_sparse_and_shows_in_stats_and_metrics(server, client
 
     from headwise.server.tasks import passkey
 
-    before = _get(server, "/v1/headwise/stats").json()
+    before = _settled_stats(server)  # a previous test's last step may still be unpublished
     task = passkey(AutoTokenizer.from_pretrained(default_model_dir()), 1500, seed=3)
     reply = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
                                            messages=[{"role": "user", "content": task.prompt}])

@@ -120,6 +120,23 @@ def test_sparse_static_plan_equals_the_masked_reference(model, geometry):
     assert (got - _logits(model, ids)).abs().max() > 0.1  # and the sparsity changes the answer
 
 
+def test_a_prompt_prefilled_in_two_chunks_matches_one_pass(model, geometry):
+    # the second chunk's queries start at q_offset 192 and read the first chunk from the cache.
+    # The split is a multiple of the 64-query block: a block's window starts at its first query,
+    # so an unaligned split would move block boundaries and (by design) the mask. No elastic
+    # windows: their span follows the length seen so far, so chunking changes them too.
+    layers = {"1-9": STATIC_LAYERS["1-9"], "10-19": {"heads": {"0-2": STATIC_LAYERS["10-19"]["heads"]["0-2"]}}}
+    plan = _plan(geometry, settings={"dense_below": 0},
+                 default={"prefill": {"type": "a_shape", "sink": 16, "window": 64}}, layers=layers)
+    hf.attach_plan(model, plan)
+    ids = _ids(333, 7)
+    whole = _logits(model, ids)
+    with torch.no_grad():
+        first = model(ids[:, :192], use_cache=True)
+        second = model(ids[:, 192:], past_key_values=first.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(second, whole[:, 192:], atol=LOGIT_ATOL, rtol=0)
+
+
 DYNAMIC_HEADS = {"0-2": {"prefill": {"type": "vertical_slash", "vertical": 16, "slash": 8, "local_diagonals": 4}},
                  "3-5": {"prefill": {"type": "block_sparse", "top_k": 2}},
                  "6-8": {"prefill": {"type": "strided", "local_blocks": 1, "vert_stride": 2}}}

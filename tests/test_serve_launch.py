@@ -72,6 +72,18 @@ def test_the_users_own_flags_win_over_every_default(launches):
     assert args.port == 9123
 
 
+def test_an_explicit_kv_cache_size_wins_over_the_legacy_cpu_variable(launches, monkeypatch):
+    # vLLM's CPU platform would let VLLM_CPU_KVCACHE_SPACE silently replace the flag
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    launch = launches(None, None, ["--kv-cache-memory-bytes", "1G"], on_cpu=True)
+    assert launch.unset == ["VLLM_CPU_KVCACHE_SPACE"]
+    assert "env -u VLLM_CPU_KVCACHE_SPACE" in launch.command_line()
+    assert any("VLLM_CPU_KVCACHE_SPACE ignored" in d for d in launch.defaults)
+    # without the flag, the variable is the user's choice and stays
+    launch = launches(None, None, [], on_cpu=True)
+    assert launch.unset == [] and parse_vllm_args(launch.argv).kv_cache_memory_bytes is None
+
+
 @pytest.mark.parametrize("flag", ["--no-enforce-eager", "--compilation-config={\"mode\": 3}"])
 def test_any_compilation_choice_turns_the_cpu_eager_default_off(launches, flag):
     assert parse_vllm_args(launches(None, None, [flag], on_cpu=True).argv).enforce_eager is False
