@@ -170,7 +170,8 @@ def bench_plans(attn, plan_paths: list[Path], lengths: list[int], repeats: int) 
                 c0, w0 = time.process_time(), time.perf_counter()
                 index = build_layer_prefill_index(
                     plan.layer_prefill(layer), list(range(HQ)), HQ, q, k, None, 0, t + plan.settings.planned_generation,
-                    BM, num_layer_kv_heads=HKV, dense_below=plan.settings.dense_below, cache=cache)
+                    BM, num_layer_kv_heads=HKV, dense_below=plan.settings.dense_below,
+                    dense_tail=plan.settings.dense_tail, cache=cache)
                 c1, w1 = time.process_time(), time.perf_counter()
                 attn(q, k, v, index)
                 split["build_cpu_s"] += c1 - c0

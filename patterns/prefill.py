@@ -53,6 +53,7 @@ def build_layer_prefill_index(
     q_len: int | None = None,
     num_layer_kv_heads: int | None = None,
     dense_below: int = 0,
+    dense_tail: int = 0,
     scale: float | None = None,
     cache: dict | None = None,
 ) -> SparseIndex:
@@ -66,6 +67,7 @@ def build_layer_prefill_index(
     q_offset: cached prefix length (position of the first query); ``S = q_offset + Tq``.
     total_len: prompt + planned generation (MoA spans).
     dense_below: a sequence shorter than this gets a dense index.
+    dense_tail: blocks holding one of the chunk's last ``dense_tail`` queries keep every causal key.
     cache:    a dict kept for one scheduler step; static groups are looked up / stored in it.
     """
     if len(specs) != len(heads):
@@ -104,7 +106,37 @@ def build_layer_prefill_index(
         parts.append(part)
         order.extend(local)
     if len(parts) == 1:
-        return parts[0]
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
-    return SparseIndex.cat_heads(parts).select_heads(inverse)
+        index = parts[0]
+    else:
+        inverse = torch.empty(n, dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+        index = SparseIndex.cat_heads(parts).select_heads(inverse)
+    if dense_tail <= 0:
+        return index
+    if cache is None or len(parts) > 1 or not any(part is index for part in cache.values()):
+        return with_dense_tail(index, dense_tail)
+    # a shared static index keeps one tailed copy in the cache (the entry holds the index: its id
+    # cannot be reused by another object while the entry lives)
+    slot = cache.get(("dense_tail", id(index), dense_tail))
+    if slot is None or slot[0] is not index:
+        slot = cache[("dense_tail", id(index), dense_tail)] = (index, with_dense_tail(index, dense_tail))
+    return slot[1]
+
+
+def with_dense_tail(index: SparseIndex, tail: int) -> SparseIndex:
+    """``index`` with every block that holds one of the chunk's last ``tail`` queries made dense."""
+    start = index.q_offset + torch.arange(index.num_q_blocks, device=index.device) * index.block_m
+    end = torch.clamp(start + index.block_m, max=index.seq_len)
+    rows = end > index.seq_len - tail
+    if tail <= 0 or not bool(rows.any()):
+        return index
+    rs, re = index.range_start.clone(), index.range_end.clone()
+    if rs.shape[2] == 0:
+        rs = torch.zeros(*rs.shape[:2], 1, dtype=rs.dtype, device=rs.device)
+        re = torch.zeros_like(rs)
+    rc, cc = index.range_count.clone(), index.column_count.clone()
+    rs[:, rows, 0] = 0
+    re[:, rows, 0] = end[rows].to(re.dtype)
+    rc[:, rows] = 1
+    cc[:, rows] = 0
+    return SparseIndex(rs, re, rc, index.columns, cc, index.q_len, index.q_offset, index.block_m)

@@ -86,7 +86,7 @@ class HeadwiseRuntime:
             index = build_layer_prefill_index(
                 self.plan.layer_prefill(layer), heads, self.num_heads, q, k,
                 self._kv_heads(q.device), s - tq, s + st.planned_generation, st.block_size,
-                num_layer_kv_heads=self.num_kv_heads, dense_below=st.dense_below, scale=scale,
+                num_layer_kv_heads=self.num_kv_heads, dense_below=st.dense_below, dense_tail=st.dense_tail, scale=scale,
                 cache=self._static_cache)
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal

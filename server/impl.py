@@ -10,6 +10,8 @@ chunked prefill and prefix-cache hits see their earlier context.
 * Prefill rows: per request, one ``SparseIndex`` for all local heads
   (``build_layer_prefill_index``; static groups come from the step cache, dynamic patterns
   estimate from the chunk's queries and the request's keys) and one ``sparse_prefill_paged`` call.
+  On CPU, an index made of whole KV pages (dense, sinks + windows, a dense tail) runs on vLLM's
+  own fused CPU attention op instead (``cpu_ops``; several times faster than the torch kernel).
 
 The kernels come from ``headwise.kernels``' dispatch (Triton on CUDA, torch on CPU). They are
 looked up through this module's ``KERNELS`` table at call time so routing tests can swap in
@@ -31,6 +33,7 @@ from headwise.patterns.decode import build_layer_decode_selection, select_heads
 from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 
+from . import cpu_ops
 from .backend import HeadwiseMetadata, PrefillRow
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
@@ -42,6 +45,7 @@ PREFILL, DECODE = 0, 1
 KERNELS: dict[str, Any] = {
     "sparse_prefill_paged": kernels.sparse_prefill_paged,
     "sparse_decode": kernels.sparse_decode,
+    "native_prefill": cpu_ops.run_calls,  # None: never use vLLM's CPU op
 }
 
 
@@ -160,9 +164,12 @@ class HeadwiseImpl(AttentionImpl):
         index = build_layer_prefill_index(
             lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),
             row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
-            num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below, scale=self.scale,
+            num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below,
+            dense_tail=settings.dense_tail, scale=self.scale,
             cache=md.step_cache)
-        out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
+        out = self._native_prefill(md, q, kv_cache, table_row, row.seq_len, index)
+        if out is None:
+            out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
         output[row.start:row.end] = out
         rec = get_recorder()
         if rec is not None:
@@ -170,3 +177,15 @@ class HeadwiseImpl(AttentionImpl):
             dens = 1.0 if lb.prefill_dense or row.dense else _derived(md.step_cache, "density", index, fast_density)
             causal = _causal_pairs(row.q_offset, row.q_len) * len(lb.heads)
             rec.add_keys(lb.layer, PREFILL, round(dens * causal), causal)
+
+    def _native_prefill(self, md: HeadwiseMetadata, q, kv_cache, table_row, seq_len: int,
+                        index: SparseIndex) -> torch.Tensor | None:
+        """The row on vLLM's CPU op when the index is made of whole pages; None otherwise."""
+        run = KERNELS["native_prefill"]
+        if run is None or q.device.type != "cpu" or not cpu_ops.available(q.dtype, q.shape[-1]):
+            return None
+        calls = _derived(md.step_cache, "native", index, lambda i: cpu_ops.plan_calls(i, self.num_kv_heads))
+        if calls is None:
+            return None
+        k, v = read_kv(kv_cache, table_row, seq_len)  # [S, Hkv, D] views of one copy
+        return run(q, k, v, calls, self.scale)

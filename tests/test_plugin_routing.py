@@ -20,6 +20,8 @@ from headwise.kernels import dispatch
 from headwise.kernels.index import DecodeMode
 from headwise.patterns import a_shape
 from headwise.patterns.base import PrefillInputs
+from headwise.patterns.prefill import build_layer_prefill_index
+from headwise.server import cpu_ops
 from headwise.server import impl as impl_mod
 from headwise.server import stats
 from plugin_batches import D, HQ, HKV, SCALE, Req, Step, make_backend, make_plan, run_layer
@@ -69,6 +71,7 @@ def fakes(monkeypatch):
 
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_prefill_paged", prefill)
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_decode", decode)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # vLLM's CPU op: its own test below
     return rec
 
 
@@ -92,6 +95,34 @@ def test_mixed_batch_routes_each_row(tmp_path, fakes):
         assert torch.equal(call["table_row"], step.block_table[i])
     for i in range(len(MIXED)):
         torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, step.causal(i)), atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_ops.available(torch.float32, D), reason="vLLM's CPU attention op is not here")
+def test_page_shaped_prefill_rows_run_on_vllms_cpu_op_and_the_rest_on_the_torch_kernel(tmp_path, fakes, monkeypatch):
+    native = []
+
+    def run_native(q, k, v, calls, scale):
+        native.append(q.shape[0])
+        return cpu_ops.run_calls(q, k, v, calls, scale)
+
+    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", run_native)
+    # window 33 = the query + one 32-token page: page-shaped for chunks starting on a page boundary
+    plan = make_plan({"type": "a_shape", "sink": 32, "window": 33}, DENSE, dense_below=64)
+    builder, impls = make_backend(plan, tmp_path)
+    reqs = [Req(0, 40, True), Req(0, 200, True), Req(64, 100, True), Req(50, 80, True)]
+    step = Step(reqs, seed=5)
+    md = builder.build(0, step.common)
+    query = step.query(6)
+    out = run_layer(impls[1], 1, step, md, query)
+    # dense (40 < dense_below), a_shape from 0, a_shape after a 64-token prefix: the op;
+    # a chunk starting at 50 puts its windows off the pages: the torch kernel
+    assert native == [40, 200, 100]
+    assert [c["index"].q_offset for k, c in fakes.calls if k == "prefill"] == [50]
+    for i in range(len(reqs)):
+        mask = build_layer_prefill_index(plan.layer_prefill(1), list(range(HQ)), HQ, None, None, None,
+                                         reqs[i].context, reqs[i].context + reqs[i].q_len, q_len=reqs[i].q_len,
+                                         num_layer_kv_heads=HKV, dense_below=64).to_dense_mask()
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, mask), atol=ATOL, rtol=0)
 
 
 def test_without_vllms_prefill_flag_an_empty_context_still_marks_a_prompt(tmp_path, fakes):
@@ -211,6 +242,7 @@ def test_simulated_cuda_dispatch_routes_to_triton_entry_points(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "headwise.kernels.decode_triton",
                         types.SimpleNamespace(sparse_decode_triton=triton_decode))
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # a CUDA build has no vLLM CPU op
     monkeypatch.setattr(dispatch, "sparse_prefill_paged_torch", refuse)
     monkeypatch.setattr(dispatch, "sparse_decode_torch", refuse)
 

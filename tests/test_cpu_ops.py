@@ -1,0 +1,78 @@
+"""Prefill rows on vLLM's CPU attention op (``server/cpu_ops.py``) against the masked fp32 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.kernels.index import SparseIndex
+from headwise.kernels.reference import masked_attention_reference
+from headwise.patterns.a_shape import sink_window_index
+from headwise.patterns.prefill import with_dense_tail
+from headwise.server import cpu_ops
+
+HQ, HKV, D = 9, 3, 64
+pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, D), reason="vLLM's CPU attention op is not here")
+
+
+def _qkv(s: int, tq: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tq, HQ, D, generator=g).bfloat16()
+    k, v = (torch.randn(s, HKV, D, generator=g).bfloat16() for _ in range(2))
+    return q, k, v
+
+
+def _check(index: SparseIndex, q, k, v) -> None:
+    calls = cpu_ops.plan_calls(index, HKV)
+    assert calls is not None
+    got = cpu_ops.run_calls(q, k, v, calls, D ** -0.5)
+    want, _ = masked_attention_reference(q, k, v, index.to_dense_mask(), D ** -0.5)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("s,q_offset", [(700, 0), (700, 333), (97, 0)])
+def test_dense_rows_match_dense_causal_attention_at_any_offset(s, q_offset):
+    q, k, v = _qkv(s, s - q_offset, seed=s + q_offset)
+    index = SparseIndex.dense(HQ, s - q_offset, q_offset)
+    calls = cpu_ops.plan_calls(index, HKV)
+    assert [len(c.seq_lens) for c in calls] == [1] * HKV  # one request per KV head, not one per block
+    _check(index, q, k, v)
+
+
+def test_sinks_and_page_aligned_windows_per_kv_group():
+    # window 513 = the query itself + 512 keys: a block's window starts on a page boundary
+    s = 1100
+    q, k, v = _qkv(s, s, seed=1)
+    sink = torch.tensor([64] * 3 + [32] * 3 + [0] * 3)
+    window = torch.tensor([513] * 3 + [257] * 3 + [129] * 3)
+    index = sink_window_index(sink, window, s, 0, 64)
+    calls = cpu_ops.plan_calls(index, HKV)
+    assert sorted(c.kv_head for c in calls) == [0, 1, 2] and all(len(c.heads) == 3 for c in calls)
+    _check(index, q, k, v)
+
+
+def test_a_chunk_after_a_cached_prefix_and_a_dense_tail():
+    s, q_offset = 1000, 384
+    q, k, v = _qkv(s, s - q_offset, seed=2)
+    index = sink_window_index(torch.full((HQ,), 32), torch.full((HQ,), 129), s - q_offset, q_offset, 64)
+    tailed = with_dense_tail(index, 100)
+    assert int(tailed.range_count[0, -1]) == 1 and int(tailed.range_end[0, -1, 0]) == s  # last blocks dense
+    assert torch.equal(tailed.range_count[:, 0], index.range_count[:, 0])  # the rest untouched
+    _check(tailed, q, k, v)
+
+
+def test_indices_without_a_page_form_are_refused():
+    s = 600
+    unaligned = sink_window_index(torch.full((HQ,), 64), torch.full((HQ,), 512), s, 0, 64)
+    assert cpu_ops.plan_calls(unaligned, HKV) is None  # window starts one past a page boundary
+    cols = [[[int(b * 64 + 40)] if b > 2 else [] for b in range(-(-s // 64))] for _ in range(HQ)]
+    ranges = [[[(max(0, b * 64 - 128), min(s, b * 64 + 64))] for b in range(-(-s // 64))] for _ in range(HQ)]
+    with_columns = SparseIndex.from_lists(ranges, [[[max(0, c[0] - 200)] if c else [] for c in h] for h in cols], s)
+    assert cpu_ops.plan_calls(with_columns, HKV) is None
+    off_page = SparseIndex.from_lists(ranges, [[[] for _ in h] for h in cols], s - 16, 16)
+    assert cpu_ops.plan_calls(off_page, HKV) is None  # the chunk starts off a page boundary
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv(cpu_ops.ENV_DISABLE, "0")
+    assert not cpu_ops.available(torch.bfloat16, D)
