@@ -9,9 +9,11 @@ and every range but the one holding the queries also ends on one; columns (singl
 page form. One op call then runs every query block of a set of heads, each block a *virtual
 request* with its own row.
 
-The op reads its own packed page layout, so each prefill row's K/V are packed once per layer into
-a scratch cache of ``PAGE``-token pages with vLLM's writer (the real cache keeps headwise's plain
-layout, which the decode and estimation paths read). Indices that do not fit (columns, unaligned
+The real cache keeps the page layout of the op's portable ``vec`` code path (``kv_cache.py``),
+which torch also reads through strided views: dense decode rows attend straight from it
+(``decode_dense``). Prefill compute is faster on the AMX code path, whose packed pages torch cannot
+read, so each prefill row's K/V are packed once per layer into a scratch cache of ``PAGE``-token
+pages with vLLM's writer. Indices that do not fit (columns, unaligned
 ranges, a chunk that starts off a page boundary) return ``None`` and the caller falls back to the
 torch kernel. Dense rows always fit: one request over the whole sequence.
 
@@ -32,6 +34,7 @@ from headwise.kernels.index import SparseIndex
 from headwise.kernels.prefill_plan import head_sets
 
 PAGE = 32  # tokens per scratch page (the AMX code path needs a multiple of 32)
+CACHE_ISA = "vec"  # the code path whose page layout the real cache keeps (``kv_cache.py``)
 ENV_DISABLE = "HEADWISE_CPU_NATIVE"  # "0": never use vLLM's op (comparisons, debugging)
 
 
@@ -124,7 +127,7 @@ def plan_calls(index: SparseIndex, num_kv_heads: int) -> list[NativeCall] | None
 
 
 def pack(k: torch.Tensor, v: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k, v [S, D]`` (one KV head, any strides) -> the op's scratch K/V pages ``[P, 1, PAGE, D]``."""
+    """``k, v [S, D]`` (one KV head; unit stride along D) -> the op's scratch K/V pages ``[P, 1, PAGE, D]``."""
     from vllm import _custom_ops as ops
 
     s, d = k.shape
@@ -157,3 +160,31 @@ def run_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: list[Nat
             block_table=call.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None)
         out[:, call.heads] = oh
     return out
+
+
+def decode_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Dense decode rows ``q [B, Hq, D]`` straight from the real paged cache (every cached token)."""
+    from vllm import _custom_ops as ops
+
+    b, hq, d = q.shape
+    nb, hkv, bs, _ = kv_cache.shape
+    k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    seq_lens = seq_lens.to(torch.int32)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=b, num_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
+        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=CACHE_ISA, enable_kv_split=True)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=k_pages, value_cache=v_pages, output=out, query_start_loc=qsl, seq_lens=seq_lens,
+        scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table.to(torch.int32),
+        softcap=0.0, scheduler_metadata=meta, s_aux=None)
+    return out
+
+
+def decode_available(kv_cache: torch.Tensor) -> bool:
+    """The real cache can be read by the op: CPU, a supported dtype, pages of a multiple of 32."""
+    return (kv_cache.device.type == "cpu" and kv_cache.shape[2] % 32 == 0 and (kv_cache.shape[-1] // 2) % 32 == 0
+            and available(kv_cache.dtype, kv_cache.shape[-1] // 2))

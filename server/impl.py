@@ -11,7 +11,8 @@ chunked prefill and prefix-cache hits see their earlier context.
   (``build_layer_prefill_index``; static groups come from the step cache, dynamic patterns
   estimate from the chunk's queries and the request's keys) and one ``sparse_prefill_paged`` call.
   On CPU, an index made of whole KV pages (dense, sinks + windows, a dense tail) runs on vLLM's
-  own fused CPU attention op instead (``cpu_ops``; several times faster than the torch kernel).
+  own fused CPU attention op instead (``cpu_ops``; several times faster than the torch kernel),
+  and so do decode batches whose every row is dense.
 
 The kernels come from ``headwise.kernels``' dispatch (Triton on CUDA, torch on CPU). They are
 looked up through this module's ``KERNELS`` table at call time so routing tests can swap in
@@ -28,7 +29,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from headwise import kernels
 from headwise.kernels.decode import selected_counts
-from headwise.kernels.index import SparseIndex
+from headwise.kernels.index import DecodeMode, SparseIndex
 from headwise.patterns.decode import build_layer_decode_selection, select_heads
 from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
@@ -46,6 +47,7 @@ KERNELS: dict[str, Any] = {
     "sparse_prefill_paged": kernels.sparse_prefill_paged,
     "sparse_decode": kernels.sparse_decode,
     "native_prefill": cpu_ops.run_calls,  # None: never use vLLM's CPU op
+    "native_decode": cpu_ops.decode_dense,
 }
 
 
@@ -122,7 +124,7 @@ class HeadwiseImpl(AttentionImpl):
         started = time.perf_counter()
         k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
         if md.num_decodes:
-            self._decode(lb, md, query, k_cache, v_cache, output)
+            self._decode(lb, md, query, kv_cache, k_cache, v_cache, output)
         for row in md.prefill_rows:
             self._prefill(lb, md, row, query, kv_cache, k_cache, v_cache, output)
         rec = get_recorder()
@@ -130,7 +132,7 @@ class HeadwiseImpl(AttentionImpl):
             rec.add_call(lb.layer, time.perf_counter() - started)
         return output
 
-    def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, k_cache, v_cache, output) -> None:
+    def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, kv_cache, k_cache, v_cache, output) -> None:
         q = query[md.decode_tokens]  # [Bd, Hq, D]
         settings = self.binding.settings
         sel = build_layer_decode_selection(
@@ -140,8 +142,13 @@ class HeadwiseImpl(AttentionImpl):
             tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
         if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
             sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
-        out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
-                                       scale=self.scale)
+        native = KERNELS["native_decode"]
+        if (native is not None and cpu_ops.decode_available(kv_cache)
+                and bool((sel.mode == int(DecodeMode.DENSE)).all())):  # every row reads every token
+            out = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale)
+        else:
+            out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
+                                           scale=self.scale)
         output[md.decode_tokens] = out
         rec = get_recorder()
         if rec is not None:

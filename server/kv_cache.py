@@ -1,14 +1,18 @@
-"""The paged KV cache as headwise keeps it: plain torch layout, written with torch indexing.
+"""The paged KV cache as headwise keeps it, written and read with torch indexing.
 
 vLLM hands every layer a cache tensor with the logical shape ``[num_blocks, Hkv, block_size, 2*D]``
-(K in the first half of the last dim, V in the second); the backend chooses the physical layout
-(``LBHNC``: head-major pages, so one KV head's tokens of a block are contiguous). The stock CPU
-backend packs pages per instruction set; headwise overrides it, so it writes and reads its own
-plain layout here, and the kernels read ``k_cache = kv_cache[..., :D]`` / ``v_cache = kv_cache[..., D:]``
-as strided views.
+(head-major pages: the ``LBHNC`` layout the backend declares). Inside one (block, KV head) the
+``block_size * 2*D`` values are laid out
 
-Token at slot ``s`` lives in block ``s // block_size`` at offset ``s % block_size``; slot ``-1``
-marks padding and is never written.
+* on CPU as vLLM's own CPU attention op reads them with its ``vec`` code path: the block's K
+  transposed (``[D, block_size]``), then its V (``[block_size, D]``). vLLM's op then attends
+  straight from the cache (dense decode rows), and torch reads both through strided views;
+* on CUDA as K and V side by side per token (``[block_size, 2*D]``: K in the first half of the
+  last dim), which the Triton kernels read as strided views.
+
+``split_kv`` is the one place that knows this: every reader takes its ``k_cache, v_cache``
+``[num_blocks, Hkv, block_size, D]`` views. Token at slot ``s`` lives in block ``s // block_size``
+at offset ``s % block_size``; slot ``-1`` marks padding and is never written.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ import torch
 
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strided K and V views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache."""
-    d = kv_cache.shape[-1] // 2
-    return kv_cache[..., :d], kv_cache[..., d:]
+    """K and V views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache (no copy)."""
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    if kv_cache.device.type != "cpu":
+        return kv_cache[..., :d], kv_cache[..., d:]
+    halves = kv_cache.view(nb, h, 2, bs * d)
+    return halves[:, :, 0].view(nb, h, d, bs).transpose(2, 3), halves[:, :, 1].view(nb, h, bs, d)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,7 +48,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         keep = valid.nonzero().squeeze(1)
         slots, key, value = slots[keep], key[keep], value[keep]
     bs = kv_cache.shape[2]
-    d = key.shape[-1]
+    k_cache, v_cache = split_kv(kv_cache)
     key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
     if kv_cache.device.type == "cpu":
         runs = _slot_runs(slots, bs)
@@ -49,13 +57,13 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
             # run are ~20x faster on CPU than element-wise index_put of the same bytes
             for i0, i1, s in runs:
                 blk, off = divmod(s, bs)
-                kv_cache[blk, :, off:off + i1 - i0, :d] = key[i0:i1].transpose(0, 1)
-                kv_cache[blk, :, off:off + i1 - i0, d:] = value[i0:i1].transpose(0, 1)
+                k_cache[blk, :, off:off + i1 - i0] = key[i0:i1].transpose(0, 1)
+                v_cache[blk, :, off:off + i1 - i0] = value[i0:i1].transpose(0, 1)
             return
     blk, off = slots // bs, slots % bs
     # advanced indices on dims 0 and 2 around a slice: the selected view is [n, Hkv, D]
-    kv_cache[blk, :, off, :d] = key
-    kv_cache[blk, :, off, d:] = value
+    k_cache[blk, :, off] = key
+    v_cache[blk, :, off] = value
 
 
 _MAX_RUNS = 64  # more runs than this (a batch of decodes: one token each) -> one indexed write
@@ -76,14 +84,14 @@ def _slot_runs(slots: torch.Tensor, block_size: int) -> list[tuple[int, int, int
 
 def read_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
             keys_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Positions ``0..length-1`` of one request as ``k, v: [length, Hkv, D]`` (whole blocks are
-    copied, then trimmed: one block-level gather instead of a per-token one). ``keys_only``: copy
-    K alone (pattern estimation needs no V) and return ``v = None``."""
-    bs = kv_cache.shape[2]
-    d = kv_cache.shape[-1] // 2
-    n_blocks = -(-length // bs)
-    blocks = block_table_row[:n_blocks].long()
-    width = d if keys_only else 2 * d
-    rows = kv_cache[blocks, :, :, :width]  # [n, Hkv, bs, width]
-    rows = rows.transpose(1, 2).reshape(n_blocks * bs, kv_cache.shape[1], width)[:length]
-    return (rows, None) if keys_only else (rows[..., :d], rows[..., d:])
+    """Positions ``0..length-1`` of one request as contiguous ``k, v: [length, Hkv, D]`` (whole
+    blocks are copied, then trimmed: one block-level gather instead of a per-token one).
+    ``keys_only``: copy K alone (pattern estimation needs no V) and return ``v = None``."""
+    k_cache, v_cache = split_kv(kv_cache)
+    nb, h, bs, d = k_cache.shape
+    blocks = block_table_row[:-(-length // bs)].long()
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        return cache[blocks].transpose(1, 2).reshape(-1, h, d)[:length].contiguous()  # one block: a view
+
+    return gather(k_cache), None if keys_only else gather(v_cache)

@@ -20,6 +20,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from headwise.kernels.reference import masked_attention_reference
 from headwise.patterns.plan import Plan
 from headwise.server.backend import HeadwiseMetadataBuilder
+from headwise.server.kv_cache import split_kv
 from headwise.server.impl import HeadwiseImpl
 from headwise.server.plan_binding import PlanBinding
 
@@ -82,8 +83,9 @@ class Step:
                 if p < r.context:  # cached by earlier steps
                     if carried:
                         continue
-                    self.kv_cache[blk, :, off, :D] = self.k[i][p]
-                    self.kv_cache[blk, :, off, D:] = self.v[i][p]
+                    k_cache, v_cache = split_kv(self.kv_cache)
+                    k_cache[blk, :, off] = self.k[i][p]
+                    v_cache[blk, :, off] = self.v[i][p]
                 else:
                     slots.append(blk * BS + off)
         self.slot_mapping = torch.tensor(slots, dtype=torch.int64)

@@ -76,3 +76,29 @@ def test_indices_without_a_page_form_are_refused():
 def test_the_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv(cpu_ops.ENV_DISABLE, "0")
     assert not cpu_ops.available(torch.bfloat16, D)
+
+
+def test_dense_decode_reads_the_real_cache_through_scattered_block_tables():
+    from headwise.kernels.decode import sparse_decode_torch
+    from headwise.kernels.index import DecodeMode, DecodeSelection
+    from headwise.server.kv_cache import split_kv, write_kv
+
+    bs, nb, lens = 32, 40, [200, 37, 512]
+    g = torch.Generator().manual_seed(3)
+    kv = torch.zeros(nb, HKV, bs, 2 * D, dtype=torch.bfloat16)
+    perm = torch.randperm(nb, generator=g)
+    table = torch.zeros(len(lens), 16, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(lens):
+        blocks = perm[start:start + -(-n // bs)]
+        start += len(blocks)
+        table[i, :len(blocks)] = blocks.to(torch.int32)
+        slots = torch.tensor([int(blocks[p // bs]) * bs + p % bs for p in range(n)])
+        write_kv(torch.randn(n, HKV, D, generator=g), torch.randn(n, HKV, D, generator=g), kv, slots)
+    q = torch.randn(len(lens), HQ, D, generator=g).bfloat16()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    assert cpu_ops.decode_available(kv)
+    got = cpu_ops.decode_dense(q, kv, table, seq_lens, D ** -0.5)
+    k_cache, v_cache = split_kv(kv)
+    want = sparse_decode_torch(q, k_cache, v_cache, table, seq_lens, DecodeSelection.uniform(len(lens), HQ, DecodeMode.DENSE), D ** -0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)

@@ -71,7 +71,8 @@ def fakes(monkeypatch):
 
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_prefill_paged", prefill)
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_decode", decode)
-    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # vLLM's CPU op: its own test below
+    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # vLLM's CPU op: its own tests below
+    monkeypatch.setitem(impl_mod.KERNELS, "native_decode", None)
     return rec
 
 
@@ -243,6 +244,7 @@ def test_simulated_cuda_dispatch_routes_to_triton_entry_points(tmp_path, monkeyp
                         types.SimpleNamespace(sparse_decode_triton=triton_decode))
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
     monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # a CUDA build has no vLLM CPU op
+    monkeypatch.setitem(impl_mod.KERNELS, "native_decode", None)
     monkeypatch.setattr(dispatch, "sparse_prefill_paged_torch", refuse)
     monkeypatch.setattr(dispatch, "sparse_decode_torch", refuse)
 
