@@ -163,23 +163,31 @@ def run_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: list[Nat
 
 
 def decode_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Dense decode rows ``q [B, Hq, D]`` straight from the real paged cache (every cached token)."""
+                 scale: float, step_cache: dict | None = None) -> torch.Tensor:
+    """Dense decode rows ``q [B, Hq, D]`` straight from the real paged cache (every cached token).
+    ``step_cache``: a dict kept for one scheduler step; the op's schedule is made once per step."""
     from vllm import _custom_ops as ops
 
     b, hq, d = q.shape
     nb, hkv, bs, _ = kv_cache.shape
     k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
-    qsl = torch.arange(b + 1, dtype=torch.int32)
-    seq_lens = seq_lens.to(torch.int32)
+    key = ("native_decode", b, hq, hkv, d, q.dtype)
+    step = None if step_cache is None else step_cache.get(key)
+    if step is None:
+        qsl = torch.arange(b + 1, dtype=torch.int32)
+        lens = seq_lens.to(torch.int32)
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=b, num_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=lens, dtype=q.dtype,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=CACHE_ISA, enable_kv_split=True)
+        step = (qsl, lens, block_table.to(torch.int32), meta)
+        if step_cache is not None:
+            step_cache[key] = step
+    qsl, lens, table, meta = step
     q = q.contiguous()
     out = torch.empty_like(q)
-    meta = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=b, num_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=CACHE_ISA, enable_kv_split=True)
     ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=k_pages, value_cache=v_pages, output=out, query_start_loc=qsl, seq_lens=seq_lens,
-        scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table.to(torch.int32),
+        query=q, key_cache=k_pages, value_cache=v_pages, output=out, query_start_loc=qsl, seq_lens=lens,
+        scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
         softcap=0.0, scheduler_metadata=meta, s_aux=None)
     return out
 

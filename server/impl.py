@@ -134,6 +134,17 @@ class HeadwiseImpl(AttentionImpl):
 
     def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, kv_cache, k_cache, v_cache, output) -> None:
         q = query[md.decode_tokens]  # [Bd, Hq, D]
+        native = KERNELS["native_decode"]
+        if lb.decode_dense and native is not None and cpu_ops.decode_available(kv_cache):
+            # a dense layer needs no selection: straight to vLLM's op (the per-step host work of
+            # building one costs more than the op itself on CPU)
+            output[md.decode_tokens] = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
+                                              md.step_cache)
+            rec = get_recorder()
+            if rec is not None:
+                causal = int(md.decode_seq_lens.long().sum()) * len(lb.heads)
+                rec.add_keys(lb.layer, DECODE, causal, causal)
+            return
         settings = self.binding.settings
         sel = build_layer_decode_selection(
             lb.decode_specs, lb.heads, lb.num_layer_heads, q, k_cache, md.decode_block_table,
@@ -142,10 +153,9 @@ class HeadwiseImpl(AttentionImpl):
             tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
         if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
             sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
-        native = KERNELS["native_decode"]
         if (native is not None and cpu_ops.decode_available(kv_cache)
                 and bool((sel.mode == int(DecodeMode.DENSE)).all())):  # every row reads every token
-            out = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale)
+            out = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale, md.step_cache)
         else:
             out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
                                            scale=self.scale)

@@ -274,12 +274,14 @@ def test_a_long_prompt_runs_sparse_and_shows_in_stats_and_metrics(server, client
 
     from headwise.server.tasks import passkey
 
+    dense_below = _get(server, "/v1/headwise/plan").json()["settings"]["dense_below"]
     before = _settled_stats(server)  # a previous test's last step may still be unpublished
-    task = passkey(AutoTokenizer.from_pretrained(default_model_dir()), 1500, seed=3)
-    reply = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
+    task = passkey(AutoTokenizer.from_pretrained(default_model_dir()), dense_below + 300, seed=3)
+    reply = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
                                            messages=[{"role": "user", "content": task.prompt}])
     prompt_tokens = reply.usage.prompt_tokens
-    assert prompt_tokens > 1024  # above the plan's dense_below: the sparse patterns apply
+    assert prompt_tokens > dense_below  # the sparse patterns apply
+    assert task.grade(reply.choices[0].message.content), reply.choices[0].message.content
     deadline = time.monotonic() + 10  # workers publish their counters every 0.5 s
     while True:
         stats = _get(server, "/v1/headwise/stats").json()

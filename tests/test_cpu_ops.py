@@ -102,3 +102,22 @@ def test_dense_decode_reads_the_real_cache_through_scattered_block_tables():
     k_cache, v_cache = split_kv(kv)
     want = sparse_decode_torch(q, k_cache, v_cache, table, seq_lens, DecodeSelection.uniform(len(lens), HQ, DecodeMode.DENSE), D ** -0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+
+
+def test_the_default_plan_runs_entirely_on_the_op():
+    from pathlib import Path
+
+    from headwise.patterns.plan import load_plan
+    from headwise.patterns.prefill import build_layer_prefill_index
+
+    plan = load_plan(Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-instruct" / "sparse.json")
+    st = plan.settings
+    assert plan.expected_density(8192) < 0.12 and plan.expected_density(st.dense_below - 1) == 1.0
+    for q_offset, q_len in [(0, 8000), (0, 3500), (4096, 2000), (0, 1000)]:  # whole prompts, a chunk, short
+        for layer in (0, 17, 29):
+            index = build_layer_prefill_index(plan.layer_prefill(layer), list(range(HQ)), HQ, None, None, None,
+                                              q_offset, q_offset + q_len, st.block_size, q_len=q_len,
+                                              num_layer_kv_heads=HKV, dense_below=st.dense_below,
+                                              dense_tail=st.dense_tail)
+            assert cpu_ops.plan_calls(index, HKV) is not None, (q_offset, q_len, layer)
+    assert all(spec.type == "dense" for layer in range(30) for spec in plan.layer_decode(layer))

@@ -1,6 +1,6 @@
 """Sparse plans in a real vLLM CPU engine: accuracy with the shipped plan, chunking with a static one.
 
-* The shipped sparse plan (vertical-slash + A-shape prefill, TidalDecode) answers ~2K-token passkey
+* The shipped mixed plan (vertical-slash + A-shape prefill, TidalDecode) answers ~2K-token passkey
   prompts that stock attention answers, at an achieved prefill density of at most 30%.
 * A static plan (S2 strides + A-shape, TidalDecode) gives the same greedy output prefilled whole
   (``max_num_batched_tokens`` 4096) and in 256-token chunks. One request at a time, so every chunk
@@ -39,7 +39,7 @@ def shipped():
     from headwise.server.stats import read_stats
     from headwise.server.tasks import passkey
 
-    with engine(PLANS / "sparse.json") as llm:
+    with engine(PLANS / "mixed.json") as llm:
         tasks = [passkey(llm.get_tokenizer(), 2000, seed=s) for s in SEEDS]
         outs = llm.generate([chat_prompt(llm, t.prompt) for t in tasks], greedy(12), use_tqdm=False)
         time.sleep(1.2)  # workers publish at most every 0.5 s
@@ -62,7 +62,7 @@ def static_runs(tmp_path_factory):
     return runs
 
 
-def test_shipped_sparse_plan_answers_passkeys_at_low_density(shipped):
+def test_shipped_mixed_plan_answers_passkeys_at_low_density(shipped):
     tasks, outs, st = shipped
     for t, o in zip(tasks, outs):
         assert t.grade(o.outputs[0].text), f"expected {t.answer}, got {o.outputs[0].text!r}"

@@ -26,7 +26,7 @@ def test_sparse_plan_under_tensor_parallel_3(monkeypatch):
 
     # three workers on two cores: bind ranks 0 and 2 to core 0 (vLLM refuses to oversubscribe otherwise)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")
-    with engine(PLANS / "sparse.json", tensor_parallel_size=3, distributed_executor_backend="mp") as llm:
+    with engine(PLANS / "mixed.json", tensor_parallel_size=3, distributed_executor_backend="mp") as llm:
         task = passkey(llm.get_tokenizer(), 2000, seed=0)
         out = llm.generate([chat_prompt(llm, task.prompt)], greedy(12), use_tqdm=False)[0]
         time.sleep(1.2)

@@ -45,8 +45,8 @@ def test_llama_example_fits_llama_geometry():
     assert plan.decode(13, 5) == Tidal(role="select") and plan.max_tidal_top_k() == 2048
 
 
-def test_sparse_smollm2_plan_is_sparse_at_2k_and_dense_when_short():
-    plan = load_plan(CONFIGS / "smollm2-135m-instruct" / "sparse.json")
+def test_mixed_smollm2_plan_is_sparse_at_2k_and_dense_when_short():
+    plan = load_plan(CONFIGS / "smollm2-135m-instruct" / "mixed.json")
     assert plan.expected_density(2048) <= 0.30
     assert plan.expected_density(plan.settings.dense_below - 1) == 1.0
     assert plan.layer_prefill(0) == [Dense()] * 9 and plan.layer_decode(1) == [Dense()] * 9

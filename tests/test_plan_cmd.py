@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPARSE = ROOT / "configs" / "smollm2-135m-instruct" / "sparse.json"
+SPARSE = ROOT / "configs" / "smollm2-135m-instruct" / "mixed.json"
 LLAMA = ROOT / "configs" / "llama-3.1-8b.json"
 # the config.json fields a Hugging Face Llama checkpoint carries (SmolLM2-135M's values)
 SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
