@@ -62,10 +62,11 @@ def available(dtype: torch.dtype, head_dim: int) -> bool:
 
 @dataclass
 class NativeCall:
-    """One op call: a set of query heads of one KV head, every query block a virtual request."""
+    """One op call: a set of query heads of one KV head (or every head of the layer, ``kv_head``
+    None, when all heads keep the same keys), every query block a virtual request."""
 
     heads: list[int]
-    kv_head: int
+    kv_head: int | None
     block_table: torch.Tensor  # [R, max_pages] int32 scratch pages
     seq_lens: torch.Tensor  # [R] int32 virtual lengths
     query_start_loc: torch.Tensor  # [R + 1] int32 rows of the chunk's queries
@@ -124,17 +125,23 @@ def plan_calls(index: SparseIndex, num_kv_heads: int) -> list[NativeCall] | None
         qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(torch.tensor(q_counts, dtype=torch.int32), 0)
         calls.append(NativeCall(heads, h // group, table, torch.tensor(lens, dtype=torch.int32), qsl))
+    first = calls[0]
+    if len(calls) == num_kv_heads and all(len(c.heads) == group and torch.equal(c.block_table, first.block_table)
+                                          and torch.equal(c.seq_lens, first.seq_lens) for c in calls):
+        # every head keeps the same keys: one call over all heads and KV heads, no slicing
+        return [NativeCall(list(range(index.num_heads)), None, first.block_table, first.seq_lens,
+                           first.query_start_loc)]
     return calls
 
 
 def pack(k: torch.Tensor, v: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k, v [S, D]`` (one KV head; unit stride along D) -> the op's scratch K/V pages ``[P, 1, PAGE, D]``."""
+    """``k, v [S, Hkv, D]`` (unit stride along D) -> the op's scratch K/V pages ``[P, Hkv, PAGE, D]``."""
     from vllm import _custom_ops as ops
 
-    s, d = k.shape
-    pages = torch.zeros(-(-s // PAGE), 1, 2 * PAGE, d, dtype=k.dtype)  # the op reads whole pages: no NaN garbage
+    s, h, d = k.shape
+    pages = torch.zeros(-(-s // PAGE), h, 2 * PAGE, d, dtype=k.dtype)  # the op reads whole pages: no NaN garbage
     k_pages, v_pages = pages.chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k.unsqueeze(1), v.unsqueeze(1), k_pages, v_pages, torch.arange(s), isa)
+    ops.cpu_attn_reshape_and_cache(k, v, k_pages, v_pages, torch.arange(s), isa)
     return k_pages, v_pages
 
 
@@ -143,23 +150,26 @@ def run_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: list[Nat
     from vllm import _custom_ops as ops
 
     isa = _isa(q.dtype, q.shape[-1])
+    whole = len(calls) == 1 and calls[0].kv_head is None
     out = torch.empty_like(q)
-    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    packed: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
     for call in calls:
         if call.kv_head not in packed:
-            packed[call.kv_head] = pack(k[:, call.kv_head], v[:, call.kv_head], isa)
+            g = call.kv_head
+            packed[g] = pack(k, v, isa) if g is None else pack(k[:, g:g + 1], v[:, g:g + 1], isa)
         k_pages, v_pages = packed[call.kv_head]
-        qh = q[:, call.heads].contiguous()
-        oh = torch.empty_like(qh)
+        qh = q.contiguous() if whole else q[:, call.heads].contiguous()
+        oh = out if whole else torch.empty_like(qh)
         meta = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=call.seq_lens.shape[0], num_heads=len(call.heads), num_kv_heads=1, head_dim=q.shape[-1],
-            seq_lens=call.seq_lens, dtype=q.dtype, query_start_loc=call.query_start_loc, causal=True,
-            sliding_window_size=-1, isa=isa, enable_kv_split=False)
+            num_reqs=call.seq_lens.shape[0], num_heads=len(call.heads), num_kv_heads=k_pages.shape[1],
+            head_dim=q.shape[-1], seq_lens=call.seq_lens, dtype=q.dtype, query_start_loc=call.query_start_loc,
+            causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
         ops.cpu_attention_with_kv_cache(
             query=qh, key_cache=k_pages, value_cache=v_pages, output=oh, query_start_loc=call.query_start_loc,
             seq_lens=call.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
             block_table=call.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None)
-        out[:, call.heads] = oh
+        if not whole:
+            out[:, call.heads] = oh
     return out
 
 
@@ -197,3 +207,12 @@ def decode_available(kv_cache: torch.Tensor) -> bool:
     """The real cache can be read by the op: CPU, a supported dtype, pages of a multiple of 32."""
     return (kv_cache.device.type == "cpu" and kv_cache.shape[2] % 32 == 0 and (kv_cache.shape[-1] // 2) % 32 == 0
             and available(kv_cache.dtype, kv_cache.shape[-1] // 2))
+
+
+def write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """vLLM's own writer for the real cache (the layout ``kv_cache.split_kv`` reads; one fused call)."""
+    from vllm import _custom_ops as ops
+
+    nb, hkv, bs, d2 = kv_cache.shape
+    k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d2 // 2).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, k_pages, v_pages, slots, CACHE_ISA)

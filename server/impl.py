@@ -35,7 +35,7 @@ from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 
 from . import cpu_ops
-from .backend import HeadwiseMetadata, PrefillRow
+from .metadata import HeadwiseMetadata, PrefillRow
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
 from .stats import get_recorder

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_ops
+
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache (no copy)."""
@@ -48,8 +50,11 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         keep = valid.nonzero().squeeze(1)
         slots, key, value = slots[keep], key[keep], value[keep]
     bs = kv_cache.shape[2]
-    k_cache, v_cache = split_kv(kv_cache)
     key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    if cpu_ops.decode_available(kv_cache):  # vLLM's fused writer: the same layout, one call
+        cpu_ops.write(key, value, kv_cache, slots)
+        return
+    k_cache, v_cache = split_kv(kv_cache)
     if kv_cache.device.type == "cpu":
         runs = _slot_runs(slots, bs)
         if runs is not None:

@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from headwise.kernels.reference import masked_attention_reference
 from headwise.patterns.plan import Plan
-from headwise.server.backend import HeadwiseMetadataBuilder
+from headwise.server.metadata import HeadwiseMetadataBuilder
 from headwise.server.kv_cache import split_kv
 from headwise.server.impl import HeadwiseImpl
 from headwise.server.plan_binding import PlanBinding

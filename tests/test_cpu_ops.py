@@ -35,7 +35,8 @@ def test_dense_rows_match_dense_causal_attention_at_any_offset(s, q_offset):
     q, k, v = _qkv(s, s - q_offset, seed=s + q_offset)
     index = SparseIndex.dense(HQ, s - q_offset, q_offset)
     calls = cpu_ops.plan_calls(index, HKV)
-    assert [len(c.seq_lens) for c in calls] == [1] * HKV  # one request per KV head, not one per block
+    # every head keeps the same keys: one call over all heads, one request (not one per block)
+    assert len(calls) == 1 and calls[0].kv_head is None and len(calls[0].seq_lens) == 1
     _check(index, q, k, v)
 
 

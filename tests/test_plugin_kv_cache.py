@@ -72,7 +72,7 @@ def test_read_kv_keys_only():
 
 @pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, 64), reason="vLLM's CPU attention op is not here")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_layout_is_the_one_vllms_cpu_writer_produces(dtype):
+def test_the_layout_is_the_one_vllms_cpu_writer_produces(dtype, monkeypatch):
     from vllm import _custom_ops as ops
 
     nb, bs, d, t = 6, 32, 64, 150
@@ -80,7 +80,9 @@ def test_the_layout_is_the_one_vllms_cpu_writer_produces(dtype):
     key, value = (torch.randn(t, HKV, d, generator=g).to(dtype) for _ in range(2))
     slots = torch.randperm(nb * bs, generator=g)[:t]
     ours = torch.zeros(nb, HKV, bs, 2 * d, dtype=dtype)
-    write_kv(key, value, ours, slots)
+    with monkeypatch.context() as m:  # headwise's own torch writer (it hands the op this cache otherwise)
+        m.setattr(cpu_ops, "decode_available", lambda kv_cache: False)
+        write_kv(key, value, ours, slots)
     theirs = torch.zeros(nb, HKV, bs, 2 * d, dtype=dtype)
     k_pages, v_pages = theirs.view(nb, HKV, 2 * bs, d).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(key, value, k_pages, v_pages, slots, cpu_ops.CACHE_ISA)
@@ -91,3 +93,17 @@ def test_read_kv_of_a_single_block_is_contiguous():
     kv = torch.randn(NB, HKV, BS, 2 * D)
     k, v = read_kv(kv, torch.tensor([3], dtype=torch.int32), 10)
     assert k.is_contiguous() and v.is_contiguous()
+
+
+@pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, 64), reason="vLLM's CPU attention op is not here")
+def test_a_cache_the_op_can_read_is_written_by_the_op_with_the_same_result(monkeypatch):
+    nb, bs, d = 4, 32, 64
+    g = torch.Generator().manual_seed(2)
+    key, value = (torch.randn(70, HKV, d, generator=g).bfloat16() for _ in range(2))
+    slots = torch.cat([torch.arange(5, 60), torch.tensor([-1] * 5), torch.arange(90, 100)])
+    by_op = torch.zeros(nb, HKV, bs, 2 * d, dtype=torch.bfloat16)
+    write_kv(key, value, by_op, slots)
+    monkeypatch.setattr(cpu_ops, "decode_available", lambda kv_cache: False)
+    by_torch = torch.zeros_like(by_op)
+    write_kv(key, value, by_torch, slots)
+    assert torch.equal(by_op, by_torch) and by_op.abs().sum() > 0
