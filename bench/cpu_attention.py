@@ -7,8 +7,8 @@
 
 Geometry: SmolLM2-135M (9 query heads, 3 KV heads, head dim 64), bf16, one request, one layer.
 Families, with the budgets of the shipped SmolLM2 plans (``configs/smollm2-135m-instruct``):
-dense; A-shape sink/window (64/256 as in ``sparse.json``, 64/512 as in ``a_shape.json``, 128/1024);
-vertical-slash with ``sparse.json``'s budget (192 columns incl. 32 sinks, 64 local diagonals) and
+dense; A-shape sink/window (64/256 as in ``mixed.json``, 64/512 as in ``a_shape.json``, 128/1024);
+vertical-slash with ``mixed.json``'s budget (192 columns incl. 32 sinks, 64 local diagonals) and
 ``vertical_slash.json``'s (256 columns, 128 diagonals of which 64 local; the 64 others drawn near
 the main diagonal, as real heads have them, and drawn uniformly: the worst case); block-sparse
 top-8 (random pooled scores: the worst case for sharing keys between blocks); S2 strided (4 local
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--plans", nargs="*", default=["sparse", "a_shape", "vertical_slash", "strided"],
+    ap.add_argument("--plans", nargs="*", default=["mixed", "a_shape", "vertical_slash", "strided"],
                     help="plan names under configs/smollm2-135m-instruct timed end to end (none: skip)")
     ap.add_argument("--plan-lengths", type=int, nargs="+", default=[8192])
     ap.add_argument("--impl", default="headwise.kernels:sparse_prefill_torch",
