@@ -98,6 +98,7 @@ class HeadwiseImpl(AttentionImpl):
         self.binding = binding or worker_binding()
         self.binding.check_local(num_heads, self.num_kv_heads, head_size)
         self.layer: LayerBinding | None = None
+        self._cache_ok: bool | None = None  # vLLM's CPU op can read this layer's cache (fixed per layer)
 
     # ------------------------------------------------------------------ KV cache
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -135,7 +136,7 @@ class HeadwiseImpl(AttentionImpl):
     def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, kv_cache, k_cache, v_cache, output) -> None:
         q = query[md.decode_tokens]  # [Bd, Hq, D]
         native = KERNELS["native_decode"]
-        if lb.decode_dense and native is not None and cpu_ops.decode_available(kv_cache):
+        if lb.decode_dense and native is not None and self._op_reads_cache(kv_cache):
             # a dense layer needs no selection: straight to vLLM's op (the per-step host work of
             # building one costs more than the op itself on CPU)
             output[md.decode_tokens] = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
@@ -153,7 +154,7 @@ class HeadwiseImpl(AttentionImpl):
             tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
         if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
             sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
-        if (native is not None and cpu_ops.decode_available(kv_cache)
+        if (native is not None and self._op_reads_cache(kv_cache)
                 and bool((sel.mode == int(DecodeMode.DENSE)).all())):  # every row reads every token
             out = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale, md.step_cache)
         else:
@@ -194,6 +195,11 @@ class HeadwiseImpl(AttentionImpl):
             dens = 1.0 if lb.prefill_dense or row.dense else _derived(md.step_cache, "density", index, fast_density)
             causal = _causal_pairs(row.q_offset, row.q_len) * len(lb.heads)
             rec.add_keys(lb.layer, PREFILL, round(dens * causal), causal)
+
+    def _op_reads_cache(self, kv_cache: torch.Tensor) -> bool:
+        if self._cache_ok is None:
+            self._cache_ok = cpu_ops.decode_available(kv_cache)
+        return self._cache_ok
 
     def _native_prefill(self, md: HeadwiseMetadata, q, kv_cache, table_row, seq_len: int,
                         index: SparseIndex) -> torch.Tensor | None:

@@ -41,8 +41,11 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     n = min(key.shape[0], slot_mapping.shape[0])
     if n == 0 or kv_cache.numel() == 0:
         return
+    key, value = key[:n].to(kv_cache.dtype), value[:n].to(kv_cache.dtype)
+    if cpu_ops.decode_available(kv_cache):  # vLLM's fused writer: the same layout; it skips slot -1
+        cpu_ops.write(key, value, kv_cache, slot_mapping[:n].long())
+        return
     slots = slot_mapping[:n].long()
-    key, value = key[:n], value[:n]
     valid = slots >= 0
     # A host check is cheap on CPU; on CUDA it costs one sync per layer, acceptable while the
     # backend runs attention eagerly (it declares no CUDA-graph support).
@@ -50,10 +53,6 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         keep = valid.nonzero().squeeze(1)
         slots, key, value = slots[keep], key[keep], value[keep]
     bs = kv_cache.shape[2]
-    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
-    if cpu_ops.decode_available(kv_cache):  # vLLM's fused writer: the same layout, one call
-        cpu_ops.write(key, value, kv_cache, slots)
-        return
     k_cache, v_cache = split_kv(kv_cache)
     if kv_cache.device.type == "cpu":
         runs = _slot_runs(slots, bs)
