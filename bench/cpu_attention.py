@@ -213,6 +213,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info(**extra) -> dict:
+    """The machine, versions, threads, OpenMP environment and load a CPU benchmark ran under."""
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), **extra,
+            "omp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")},
+            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_results(name: str, info: dict, rows: list[dict], out: str | None) -> Path:
+    """``{"info", "rows"}`` to ``out`` or ``bench/results/<name>-<host>.json``; returns the path."""
+    info["loadavg_end"] = os.getloadavg()
+    path = Path(out) if out else RESULTS / f"{name}-{socket.gethostname() or 'cpu'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print(f"# wrote {path}", file=sys.stderr)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -233,22 +251,14 @@ def main() -> None:
     mod, fn = args.impl.split(":")
     attn = getattr(importlib.import_module(mod), fn)
 
-    info = {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "impl": args.impl, "repeats": args.repeats, "geometry": {"hq": HQ, "hkv": HKV, "head_dim": D,
-                                                                     "dtype": "bfloat16"},
-            "omp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")},
-            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info = machine_info(impl=args.impl, repeats=args.repeats,
+                        geometry={"hq": HQ, "hkv": HKV, "head_dim": D, "dtype": "bfloat16"})
     print(f"# {info['cpu']}, torch {info['torch']}, {info['threads']} threads, impl {args.impl}, "
           f"load {info['loadavg_start'][0]:.1f}", flush=True)
     rows = bench_families(attn, args.lengths, args.repeats)
     if args.plans:
         rows += bench_plans(attn, [PLANS / f"{p}.json" for p in args.plans], args.plan_lengths, args.repeats)
-    info["loadavg_end"] = os.getloadavg()
-    out = Path(args.out) if args.out else RESULTS / f"cpu_attention-{socket.gethostname() or 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    print(f"# wrote {out}", file=sys.stderr)
+    write_results("cpu_attention", info, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,13 @@ Medians of ``--repeats`` interleaved runs (see ``cpu_attention.py``); JSON to
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_attention import cpu_model, interleaved, qkv  # noqa: E402
+from cpu_attention import interleaved, machine_info, qkv, write_results  # noqa: E402
 
 from headwise.kernels import SparseIndex, sparse_prefill_torch  # noqa: E402
 from headwise.kernels.decode import sparse_decode_torch  # noqa: E402
@@ -44,8 +39,6 @@ from headwise.patterns.ranges import fast_density  # noqa: E402
 from headwise.server import cpu_ops  # noqa: E402
 from headwise.server.kv_cache import split_kv, write_kv  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 HQ, HKV, D, BM, BLOCK = 9, 3, 64, 64, 128
 SCALE = D ** -0.5
 
@@ -105,22 +98,15 @@ def main() -> None:
     if not cpu_ops.available(torch.bfloat16, D):
         print("vLLM's CPU attention op is not available here (a CPU build of vLLM is needed)", file=sys.stderr)
         sys.exit(0)
-    info = {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "prefill_isa": cpu_ops._isa(torch.bfloat16, D), "cache_isa": cpu_ops.CACHE_ISA, "repeats": args.repeats,
-            "omp_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
-            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info = machine_info(prefill_isa=cpu_ops._isa(torch.bfloat16, D), cache_isa=cpu_ops.CACHE_ISA,
+                        repeats=args.repeats)
     print(f"# {info['cpu']}, {info['threads']} threads, prefill ISA {info['prefill_isa']}, "
           f"load {info['loadavg_start'][0]:.1f}", flush=True)
     rows = []
     for t in args.lengths:
         rows += prefill_rows(t, args.repeats)
         rows += decode_rows(t, args.repeats)
-    info["loadavg_end"] = os.getloadavg()
-    out = Path(args.out) if args.out else RESULTS / f"cpu_native-{socket.gethostname() or 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    print(f"# wrote {out}", file=sys.stderr)
+    write_results("cpu_native", info, rows, args.out)
 
 
 if __name__ == "__main__":

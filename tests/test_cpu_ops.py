@@ -122,3 +122,22 @@ def test_the_default_plan_runs_entirely_on_the_op():
                                               dense_tail=st.dense_tail)
             assert cpu_ops.plan_calls(index, HKV) is not None, (q_offset, q_len, layer)
     assert all(spec.type == "dense" for layer in range(30) for spec in plan.layer_decode(layer))
+
+
+def test_the_cpu_native_benchmark_runs_and_writes_its_figures(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "native.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_native.py"
+    proc = subprocess.run([sys.executable, str(script), "--lengths", "256", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {"cpu", "prefill_isa", "cache_isa", "loadavg_end"} <= set(data["info"])
+    got = {(r["kind"], r["pattern"], r["impl"]) for r in data["rows"]}
+    assert ("prefill", "dense", "op") in got and ("prefill", "dense", "torch") in got
+    assert ("decode", "dense", "op") in got and ("decode", "dense", "torch") in got
+    assert all(r["wall_s"] > 0 for r in data["rows"])
