@@ -104,6 +104,16 @@ class LayerSummary:
     decode_density: float  # expected fraction of cached tokens one decode step reads
 
 
+def _with_dense_tail(density: float, length: int, tail: int, block_m: int) -> float:
+    """``density`` with the blocks holding the last ``tail`` queries made dense (the rest of the
+    prompt assumed to keep ``density``): the tail's share of causal pairs is kept whole."""
+    if tail <= 0 or length <= 0:
+        return density
+    start = max(0, (length - tail) // block_m * block_m)  # first query of the first tail block
+    share = 1.0 - start * (start + 1) / (length * (length + 1))
+    return density * (1.0 - share) + share
+
+
 class Plan(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     description: str | None = None
@@ -212,6 +222,7 @@ class Plan(_Strict):
                         s = Tidal(role="reuse", top_k=picked[h])
                 dec_eff.append(s)
             pd = 1.0 if dense else sum(_prefill_density(s, length, ctx) for s in pre) / len(pre)
+            pd = _with_dense_tail(pd, length, self.settings.dense_tail, self.settings.block_size)
             dd = 1.0 if dense else sum(_decode_density(s, length, ctx) for s in dec_eff) / len(dec)
             rows.append(LayerSummary(layer, _describe(pre), _describe(dec), pd, dd))
         return rows

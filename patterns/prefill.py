@@ -88,7 +88,7 @@ def build_layer_prefill_index(
     groups: dict[Any, list[int]] = {}
     for i, spec in enumerate(specs):
         groups.setdefault(spec, []).append(i)
-    parts, order = [], []
+    parts, order, keys = [], [], []
     for spec, local in groups.items():
         idx = torch.tensor(local, dtype=torch.long)
         inp = PrefillInputs(
@@ -102,8 +102,9 @@ def build_layer_prefill_index(
                 cache[key] = _on(build_prefill(spec, inp), device)
             part = cache[key]
         else:
-            part = _on(build_prefill(spec, inp), device)
+            key, part = None, _on(build_prefill(spec, inp), device)
         parts.append(part)
+        keys.append(key)
         order.extend(local)
     if len(parts) == 1:
         index = parts[0]
@@ -113,14 +114,13 @@ def build_layer_prefill_index(
         index = SparseIndex.cat_heads(parts).select_heads(inverse)
     if dense_tail <= 0:
         return index
-    if cache is None or len(parts) > 1 or not any(part is index for part in cache.values()):
+    if len(parts) > 1 or keys[0] is None:
         return with_dense_tail(index, dense_tail)
-    # a shared static index keeps one tailed copy in the cache (the entry holds the index: its id
-    # cannot be reused by another object while the entry lives)
-    slot = cache.get(("dense_tail", id(index), dense_tail))
-    if slot is None or slot[0] is not index:
-        slot = cache[("dense_tail", id(index), dense_tail)] = (index, with_dense_tail(index, dense_tail))
-    return slot[1]
+    # one shared static index: its tailed copy is shared too
+    tailed = ("dense_tail", keys[0], dense_tail)
+    if tailed not in cache:
+        cache[tailed] = with_dense_tail(index, dense_tail)
+    return cache[tailed]
 
 
 def with_dense_tail(index: SparseIndex, tail: int) -> SparseIndex:

@@ -58,6 +58,12 @@ def test_static_groups_are_shared_through_the_step_cache():
     b = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache)
     assert len(cache) == 1 and a is b
     assert is_static(specs[0]) and not is_static(VerticalSlash())
+    # with a dense tail the tailed copy is shared as well, and its last block keeps every key
+    c = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache,
+                                  dense_tail=10)
+    d = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache,
+                                  dense_tail=10)
+    assert c is d and c is not a and bool(c.to_dense_mask()[:, 299].all()) and not bool(a.to_dense_mask()[:, 299].all())
 
 
 def test_dense_below_and_all_dense_give_the_dense_index():

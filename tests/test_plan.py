@@ -153,3 +153,22 @@ def test_tidal_reuse_density_follows_the_select_layer_budget():
     rows = plan.summary(1000)
     assert rows[0].decode_density == 1.0  # a select layer attends densely
     assert [r.decode_density for r in rows[1:]] == pytest.approx([0.1] * 3)  # the 100 positions layer 0 chose
+
+
+def test_expected_density_counts_the_dense_tail():
+    from headwise.patterns.prefill import build_layer_prefill_index
+    from headwise.patterns.ranges import fast_density
+
+    plan = load_plan(CONFIGS / "smollm2-135m-instruct" / "sparse.json")
+    s, m = plan.settings, plan.model
+    assert s.dense_tail > 0
+    for length in (4096, 8192):
+        index = build_layer_prefill_index(plan.layer_prefill(5), list(range(m.num_heads)), m.num_heads, None, None,
+                                          None, 0, length, s.block_size, q_len=length,
+                                          num_layer_kv_heads=m.num_kv_heads, dense_below=s.dense_below,
+                                          dense_tail=s.dense_tail)
+        built = fast_density(index)
+        assert abs(plan.expected_density(length) - built) < 0.005, (length, plan.expected_density(length), built)
+        without = Plan.from_dict({**plan.model_dump(mode="json", exclude_none=True),
+                                  "settings": {**s.model_dump(), "dense_tail": 0}})
+        assert without.expected_density(length) < built - 0.005  # the tail is a visible share
