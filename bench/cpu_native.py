@@ -1,5 +1,5 @@
 """CPU benchmark: vLLM's own CPU attention op driven by headwise's virtual block tables against the
-torch implementation, per layer, for the patterns the CPU engine runs (``server/cpu_ops.py``).
+torch implementation, per layer, for the patterns the CPU engine runs (``server/plugin/cpu_ops.py``).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/cpu_native.py            # 2K/4K/8K
     .venv/bin/python bench/cpu_native.py --lengths 8192 --repeats 9
@@ -37,7 +37,7 @@ from headwise.patterns.a_shape import sink_window_index  # noqa: E402
 from headwise.patterns.prefill import with_dense_tail  # noqa: E402
 from headwise.patterns.ranges import fast_density  # noqa: E402
 from headwise.server import cpu_ops  # noqa: E402
-from headwise.server.kv_cache import split_kv, write_kv  # noqa: E402
+from headwise.server.plugin.kv_cache import split_kv, write_kv  # noqa: E402
 
 HQ, HKV, D, BM, BLOCK = 9, 3, 64, 64, 128
 SCALE = D ** -0.5

@@ -43,14 +43,14 @@ KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE: ~90K tokens of SmolLM2 cache, plen
 def run_mode(args: argparse.Namespace) -> None:
     import vllm
 
-    from headwise.server.model import resolve_model
-    from headwise.server.tasks import passkey
+    from headwise.server.commands.model import resolve_model
+    from headwise.server.commands.tasks import passkey
 
     model = resolve_model(args.model)
     kw = dict(ENGINE_KW)
     stats_dir = None
     if args.mode != "stock":
-        from headwise.server.plan_binding import validate_plan_for_model
+        from headwise.server.plugin.plan_binding import validate_plan_for_model
         from headwise.server.plugin import engine_args
 
         validate_plan_for_model(args.mode, model)
@@ -87,7 +87,7 @@ def run_mode(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps({"mode": args.mode, "startup_s": startup, "rows": rows}))
     result = {"mode": args.mode, "startup_s": startup, "rows": rows}
     if stats_dir:
-        from headwise.server.stats import read_stats
+        from headwise.server.plugin.stats import read_stats
 
         st = read_stats(stats_dir)
         result["headwise_stats"] = {k: st[k] for k in ("backend_active", "steps", "attention_calls", "tokens",

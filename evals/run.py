@@ -4,10 +4,10 @@
         --tasks passkey --lengths 1024,2048 --seeds 0-9
     .venv/bin/python evals/run.py --url http://localhost:8000/v1 --no-hf --tasks passkey
 
-Targets: (a) the Hugging Face path (``headwise.server.hf``) with each ``--plan`` (a plan file, or
+Targets: (a) the Hugging Face path (``headwise.server.plugin.hf``) with each ``--plan`` (a plan file, or
 ``dense`` for the model's all-dense plan through the same kernels), and (b) optionally an
 OpenAI-compatible server (``--url``; headwise serve or stock vLLM). Every target answers the same
-prompts (``headwise.server.tasks``, chat-formatted, greedy). Prints a table of accuracy per
+prompts (``headwise.server.commands.tasks``, chat-formatted, greedy). Prints a table of accuracy per
 (target, task, length) and writes every reply, grade and figure to a JSON file under
 ``evals/results/`` (or ``--out``).
 """
@@ -42,7 +42,7 @@ def _ints(text: str) -> list[int]:
 
 def make_items(tokenizer, tasks: list[str], lengths: list[int], seeds: list[int]) -> list[dict]:
     """Every (task, length, seed) prompt, as the chat message a client would send."""
-    from headwise.server.tasks import make_task
+    from headwise.server.commands.tasks import make_task
 
     items = []
     for name in tasks:
@@ -62,7 +62,7 @@ def _grade(item: dict, reply: str) -> bool:
 def load_hf(model_path: str, dtype: str = "bfloat16", device: str = "cpu"):
     from transformers import AutoTokenizer
 
-    from headwise.server import hf
+    from headwise.server.plugin import hf
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"  # the headwise attention accepts left padding only
@@ -72,7 +72,7 @@ def load_hf(model_path: str, dtype: str = "bfloat16", device: str = "cpu"):
 def resolve_plan(spec: str, model_path: str):
     """A plan file, or ``dense``: the all-dense plan of the model (dense_below 0, so the kernels run)."""
     from headwise.patterns.plan import ModelGeometry, Plan, Settings, load_plan
-    from headwise.server.model import read_geometry
+    from headwise.server.commands.model import read_geometry
 
     if spec != "dense":
         return load_plan(spec)
@@ -87,7 +87,7 @@ def run_hf(model, tokenizer, plan, items: list[dict], max_new_tokens: int, batch
     """Greedy answers of the HF model under ``plan`` (batches are left-padded)."""
     import torch
 
-    from headwise.server import hf
+    from headwise.server.plugin import hf
 
     runtime = hf.attach_plan(model, plan)
     device = next(model.parameters()).device
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from headwise.server.model import resolve_model
-    from headwise.server.tasks import TASKS
+    from headwise.server.commands.model import resolve_model
+    from headwise.server.commands.tasks import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or any(t not in TASKS for t in tasks):

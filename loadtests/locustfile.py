@@ -34,7 +34,7 @@ from locust import HttpUser, between, events, task
 from locust.exception import StopUser
 
 from headwise.loadtests.mix import LengthSchedule, parse_length_mix
-from headwise.server.tasks import passkey
+from headwise.server.commands.tasks import passkey
 
 PROMPTS_PER_LENGTH = 8  # distinct needles and depths per length; requests cycle through them
 TEMPLATE_MARGIN = 64  # tokens the chat template and the unique first line may add to a prompt
@@ -56,7 +56,7 @@ def _options(parser) -> None:
 
 
 class RemoteTokenizer:
-    """The ``encode`` that ``headwise.server.tasks`` needs, answered by the server's ``/tokenize``."""
+    """The ``encode`` that ``headwise.server.commands.tasks`` needs, answered by the server's ``/tokenize``."""
 
     def __init__(self, host: str, model: str, headers: dict):
         self.url, self.model, self.headers = f"{host}/tokenize", model, headers

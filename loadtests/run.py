@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from headwise.server import env
+
 if __package__ in (None, ""):  # `python loadtests/run.py`: import as the installed package
     from headwise.loadtests import report
     from headwise.loadtests.mix import parse_length_mix
@@ -88,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt length mix in tokens, TOKENS:WEIGHT,... (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens generated per request")
     p.add_argument("--model", default="", help="model name (default: the server's first)")
-    p.add_argument("--api-key", default=os.environ.get("HEADWISE_API_KEY", ""),
+    p.add_argument("--api-key", default=env.get(env.API_KEY, ""),
                    help="bearer token when the server has --api-key (default: $HEADWISE_API_KEY)")
     p.add_argument("--allow-eos", action="store_true", help="stop at end of sequence (default: always --max-tokens)")
     p.add_argument("--stop-timeout", type=int, default=d.stop_timeout_s, dest="stop_timeout_s",
@@ -147,7 +149,7 @@ def run_loadtest(cfg: LoadTestConfig, log=print) -> dict:
     host = cfg.host
     try:
         if host is None:
-            from headwise.server.serve_process import ServerProcess
+            from headwise.server.commands.serve_process import ServerProcess
 
             log(f"headwise loadtest: starting headwise serve {shlex.join(cfg.serve_args)} (log: {out / 'server.log'})")
             server = ServerProcess(cfg.serve_args, log_path=out / "server.log").start(cfg.serve_timeout_s)

@@ -58,7 +58,7 @@ def engine(plan: str | os.PathLike | None = None, **kw):
     import vllm
 
     from headwise.server import plugin
-    from headwise.server.model import resolve_model
+    from headwise.server.commands.model import resolve_model
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; keeps several engines in 24 GiB
     before = _children()

@@ -19,10 +19,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from headwise.kernels.reference import masked_attention_reference
 from headwise.patterns.plan import Plan
-from headwise.server.metadata import HeadwiseMetadataBuilder
-from headwise.server.kv_cache import split_kv
-from headwise.server.impl import HeadwiseImpl
-from headwise.server.plan_binding import PlanBinding
+from headwise.server.plugin.metadata import HeadwiseMetadataBuilder
+from headwise.server.plugin.kv_cache import split_kv
+from headwise.server.plugin.impl import HeadwiseImpl
+from headwise.server.plugin.plan_binding import PlanBinding
 
 HQ, HKV, D, BS = 6, 2, 32, 16  # GQA group of 3; small head dim and block size keep tests fast
 SCALE = D**-0.5

@@ -18,8 +18,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from headwise.server.model import default_model_dir
-from headwise.server.serve_process import ServerProcess
+from headwise.server.commands.model import default_model_dir
+from headwise.server.commands.serve_process import ServerProcess
 
 pytestmark = pytest.mark.server
 
@@ -244,7 +244,7 @@ def _get(server, path: str) -> httpx.Response:
 
 def _settled_stats(server) -> dict:
     """The stats once the workers have published everything earlier tests ran (unchanged for 3 periods)."""
-    from headwise.server.stats import PUBLISH_INTERVAL_S
+    from headwise.server.plugin.stats import PUBLISH_INTERVAL_S
 
     last = _get(server, "/v1/headwise/stats").json()
     deadline = time.monotonic() + 30
@@ -272,7 +272,7 @@ def test_plan_route_describes_the_shipped_plan(server):
 def test_a_long_prompt_runs_sparse_and_shows_in_stats_and_metrics(server, client):
     from transformers import AutoTokenizer
 
-    from headwise.server.tasks import passkey
+    from headwise.server.commands.tasks import passkey
 
     dense_below = _get(server, "/v1/headwise/plan").json()["settings"]["dense_below"]
     before = _settled_stats(server)  # a previous test's last step may still be unpublished

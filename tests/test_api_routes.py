@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, generate_latest
 
-from headwise.server.routes import HeadwiseRoutes
+from headwise.server.commands.routes import HeadwiseRoutes
 
 PLAN = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-instruct" / "sparse.json"
 

@@ -1,4 +1,4 @@
-"""Prefill rows on vLLM's CPU attention op (``server/cpu_ops.py``) against the masked fp32 oracle."""
+"""Prefill rows on vLLM's CPU attention op (``server/plugin/cpu_ops.py``) against the masked fp32 oracle."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from headwise.kernels.index import SparseIndex
 from headwise.kernels.reference import masked_attention_reference
 from headwise.patterns.a_shape import sink_window_index
 from headwise.patterns.prefill import with_dense_tail
-from headwise.server import cpu_ops
+from headwise.server.plugin import cpu_ops
 
 HQ, HKV, D = 9, 3, 64
 pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, D), reason="vLLM's CPU attention op is not here")
@@ -83,7 +83,7 @@ def test_the_switch_turns_it_off(monkeypatch):
 def test_dense_decode_reads_the_real_cache_through_scattered_block_tables():
     from headwise.kernels.decode import sparse_decode_torch
     from headwise.kernels.index import DecodeMode, DecodeSelection
-    from headwise.server.kv_cache import split_kv, write_kv
+    from headwise.server.plugin.kv_cache import split_kv, write_kv
 
     bs, nb, lens = 32, 40, [200, 37, 512]
     g = torch.Generator().manual_seed(3)

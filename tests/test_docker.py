@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from headwise.patterns.plan import load_plan
-from headwise.server import serve
-from headwise.server.cli import build_parser
+from headwise.server.commands import serve
+from headwise.server.commands.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -163,7 +163,7 @@ def test_dockerignore_keeps_the_build_context_small():
 
 @pytest.mark.parametrize("rel, expected", [
     ("server/__pycache__/x.pyc", True), ("headwise.egg-info/PKG-INFO", True), (".venv/bin/python", True),
-    ("server/serve.py", False), ("configs/llama-3.1-8b.json", False), ("benchmarks.txt", False),
+    ("server/commands/serve.py", False), ("configs/llama-3.1-8b.json", False), ("benchmarks.txt", False),
 ])
 def test_dockerignore_matcher_follows_dockers_rules(rel, expected):
     assert _ignored(rel, _dockerignore()) is expected

@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
     import sys
     if __name__ == "__main__":
         import vllm
-        from headwise.server.model import resolve_model
+        from headwise.server.commands.model import resolve_model
         from headwise.server.plugin import engine_args
         for plan in sys.argv[1:]:
             try:

@@ -24,7 +24,7 @@ GEN = 16
 
 
 def _serve(llm):
-    from headwise.server.tasks import passkey
+    from headwise.server.commands.tasks import passkey
 
     task = passkey(llm.get_tokenizer(), 1500, seed=0)
     prompts = [chat_prompt(llm, p) for p in SHORT + [task.prompt]]
@@ -35,7 +35,7 @@ def _serve(llm):
 def runs():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from headwise.server.stats import HeadwiseCollector, read_stats
+    from headwise.server.plugin.stats import HeadwiseCollector, read_stats
 
     res = {}
     with engine(None) as llm:

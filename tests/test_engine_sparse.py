@@ -37,8 +37,8 @@ STATIC_PLAN = {
 
 @pytest.fixture(scope="module")
 def shipped():
-    from headwise.server.stats import read_stats
-    from headwise.server.tasks import passkey
+    from headwise.server.plugin.stats import read_stats
+    from headwise.server.commands.tasks import passkey
 
     with engine(PLANS / "mixed.json") as llm:
         tasks = [passkey(llm.get_tokenizer(), 2000, seed=s) for s in SEEDS]
@@ -49,7 +49,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def static_runs(tmp_path_factory):
-    from headwise.server.tasks import passkey
+    from headwise.server.commands.tasks import passkey
 
     plan = tmp_path_factory.mktemp("plans") / "static.json"
     plan.write_text(json.dumps(STATIC_PLAN))
@@ -90,8 +90,8 @@ def test_static_plan_chunked_equals_whole(static_runs):
 def test_the_transformers_integration_reproduces_the_engine_with_the_same_plan(static_runs, tmp_path):
     import torch
 
-    from headwise.server import hf
-    from headwise.server.model import resolve_model
+    from headwise.server.plugin import hf
+    from headwise.server.commands.model import resolve_model
 
     plan = tmp_path / "static.json"
     plan.write_text(json.dumps(STATIC_PLAN))

@@ -21,8 +21,8 @@ pytestmark = [
 
 
 def test_sparse_plan_under_tensor_parallel_3(monkeypatch):
-    from headwise.server.stats import read_stats
-    from headwise.server.tasks import passkey
+    from headwise.server.plugin.stats import read_stats
+    from headwise.server.commands.tasks import passkey
 
     # three workers on two cores: bind ranks 0 and 2 to core 0 (vLLM refuses to oversubscribe otherwise)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")

@@ -11,9 +11,9 @@ from headwise.kernels import decode_attention_reference, masked_attention_refere
 from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.plan_errors import PlanError
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.server import hf
-from headwise.server.model import read_geometry, resolve_model
-from headwise.server.tasks import make_task
+from headwise.server.plugin import hf
+from headwise.server.commands.model import read_geometry, resolve_model
+from headwise.server.commands.tasks import make_task
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ import pytest
 from headwise.loadtests import report
 from headwise.loadtests.mix import LengthSchedule, parse_length_mix
 from headwise.loadtests.run import LoadTestConfig, run_loadtest
-from headwise.server.serve_process import ServerProcess
+from headwise.server.commands.serve_process import ServerProcess
 
 KEY = "loadtest-key"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from headwise.server import model as hw_model
+from headwise.server.commands import model as hw_model
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_cli_model_prepare_prints_the_directory(converted, tmp_path):
     target = tmp_path / "models" / hw_model.DEFAULT_MODEL_NAME
     target.parent.mkdir(parents=True)
     target.symlink_to(converted, target_is_directory=True)  # already prepared: must be instant
-    out = subprocess.run([sys.executable, "-m", "headwise.server.cli", "model", "prepare"],
+    out = subprocess.run([sys.executable, "-m", "headwise.server.commands.cli", "model", "prepare"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(target)

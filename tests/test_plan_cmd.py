@@ -26,12 +26,12 @@ def headwise(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "headwise"
     cmd = [str(exe)] if exe.exists() else [shutil.which("headwise") or "", ]
     if not cmd[0]:
-        cmd = [sys.executable, "-m", "headwise.server.cli"]
+        cmd = [sys.executable, "-m", "headwise.server.commands.cli"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    from headwise.server.cli import main
+    from headwise.server.commands.cli import main
 
     code = main(list(args))
     out = capsys.readouterr()
@@ -96,7 +96,7 @@ def test_schema_command_prints_the_shipped_schema(capsys):
 
 
 def test_model_geometry_reads_head_dim_from_hidden_size_when_absent(tmp_path):
-    from headwise.server.plan_cmd import model_geometry
+    from headwise.server.commands.plan_cmd import model_geometry
 
     cfg = dict(SMOLLM2_CONFIG)
     del cfg["head_dim"], cfg["num_key_value_heads"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.server import stats
+from headwise.server.plugin import stats
 from plugin_batches import D, HKV, HQ, Req, Step, make_backend, make_plan, run_layer
 
 def static_plan(dense_below: int = 0):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.server import cpu_ops
-from headwise.server.kv_cache import read_kv, split_kv, write_kv
+from headwise.server.plugin import cpu_ops
+from headwise.server.plugin.kv_cache import read_kv, split_kv, write_kv
 
 NB, HKV, BS, D = 12, 3, 16, 8
 

@@ -12,7 +12,7 @@ import pytest
 
 from headwise.patterns.plan_errors import PlanError
 from headwise.server import plugin
-from headwise.server.plan_binding import PlanBinding, layer_index, resolve_plan_path, validate_plan_for_model
+from headwise.server.plugin.plan_binding import PlanBinding, layer_index, resolve_plan_path, validate_plan_for_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = {"architecture": "LlamaForCausalLM", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}

@@ -21,9 +21,9 @@ from headwise.kernels.index import DecodeMode
 from headwise.patterns import a_shape
 from headwise.patterns.base import PrefillInputs
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.server import cpu_ops
-from headwise.server import impl as impl_mod
-from headwise.server import stats
+from headwise.server.plugin import cpu_ops
+from headwise.server.plugin import impl as impl_mod
+from headwise.server.plugin import stats
 from plugin_batches import D, HQ, HKV, SCALE, Req, Step, make_backend, make_plan, run_layer
 
 DENSE = {"type": "dense"}

@@ -7,8 +7,8 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from headwise.server import stats
-from headwise.server.stats import HeadwiseCollector, StatsRecorder, read_stats
+from headwise.server.plugin import stats
+from headwise.server.plugin.stats import HeadwiseCollector, StatsRecorder, read_stats
 
 
 def _recorder(tmp_path, rank: int, tp: int = 2) -> StatsRecorder:

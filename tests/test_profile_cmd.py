@@ -6,8 +6,8 @@ import json
 import pytest
 
 from headwise.patterns.plan import load_plan
-from headwise.server.cli import main
-from headwise.server.profile_cmd import Measurements, ProfileConfig, make_plan, measure
+from headwise.server.commands.cli import main
+from headwise.server.commands.profile_cmd import Measurements, ProfileConfig, make_plan, measure
 
 CFG = ProfileConfig(lengths=(256, 320), prompts=1, density_budget=0.7, num_layers=2, sample_blocks=2,
                     dtype="float32")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from headwise.server.serve_process import free_port, live_group_members
+from headwise.server.commands.serve_process import free_port, live_group_members
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_PLAN = ROOT / "configs" / "llama-3.1-8b.json"
@@ -19,7 +19,7 @@ LLAMA_PLAN = ROOT / "configs" / "llama-3.1-8b.json"
 
 def _serve(args: list[str], timeout_s: float) -> tuple[int, str, bool]:
     """Run `headwise serve ARGS` in its own process group; (exit status, output, group left behind)."""
-    cmd = [sys.executable, "-m", "headwise.server.cli", "serve", *args,
+    cmd = [sys.executable, "-m", "headwise.server.commands.cli", "serve", *args,
            "--host", "127.0.0.1", "--port", str(free_port())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

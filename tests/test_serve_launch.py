@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from headwise.server import serve
-from headwise.server.model import default_model_dir, prepare_default_model
-from headwise.server.serve import ServeError, parse_vllm_args, plan_launch
+from headwise.server.commands import serve
+from headwise.server.commands.model import default_model_dir, prepare_default_model
+from headwise.server.commands.serve import ServeError, parse_vllm_args, plan_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM_PLANS = ROOT / "configs" / "smollm2-135m-instruct"

@@ -15,19 +15,21 @@ Plans are written per *global* head; everything local to a rank is derived here 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from headwise.server import env
 from headwise.patterns.plan import Plan, load_plan
 from headwise.patterns.plan_errors import PlanError, PlanIssue
 from headwise.patterns.prefill import is_static
 
-ENV_PLAN = "HEADWISE_PLAN"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -35,7 +37,7 @@ def resolve_plan_path(additional_config: dict | None) -> str:
     """The plan path: ``additional_config["headwise"]["plan"]``, else ``$HEADWISE_PLAN``."""
     section = (additional_config or {}).get("headwise") or {}
     path = section.get("plan") if isinstance(section, dict) else None
-    path = path or os.environ.get(ENV_PLAN)
+    path = path or env.plan_path()
     if not path:
         raise PlanError(PlanIssue(
             "$", "a plan path in --additional-config '{\"headwise\": {\"plan\": \"...\"}}' or $HEADWISE_PLAN",
@@ -61,14 +63,40 @@ def validate_plan_for_model(plan_path: str | os.PathLike, model_path: str, tenso
     the field, what was expected and what was found) or ``ValueError`` (heads do not split over
     ``tensor_parallel_size``). Starts nothing.
     """
-    from .model import read_geometry
-
     plan = load_plan(plan_path)
     geo = read_geometry(model_path)
     plan.check_geometry(geo["num_layers"], geo["num_heads"], geo["num_kv_heads"], geo["head_dim"],
                         source=f"model {model_path}")
     check_tensor_parallel(plan, tensor_parallel_size)
     return plan
+
+
+class GeometryError(ValueError):
+    """A model's attention geometry could not be read (no config.json, missing fields)."""
+
+
+def read_geometry(model: str) -> dict:
+    """Attention geometry of a HF checkpoint directory (or hub id) from its config.json."""
+    path = Path(model)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise GeometryError(f"{path} has no config.json")
+        cfg = json.loads(cfg_file.read_text())
+    else:
+        from transformers import AutoConfig  # hub ids: let transformers find it in the HF cache
+
+        cfg = AutoConfig.from_pretrained(model).to_dict()
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    return {
+        "architecture": (cfg.get("architectures") or ["unknown"])[0],
+        "num_layers": cfg["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        "max_position_embeddings": cfg.get("max_position_embeddings"),
+    }
 
 
 def layer_index(layer_name: str) -> int:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headwise.server import env
+
 from .model import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
 # The plan `headwise serve` uses for the embedded model when no --plan is given (the patterns
@@ -40,8 +42,8 @@ CPU_KV_CACHE_BYTES = "2G"  # vLLM's human-readable form: G = GiB
 # Eager on CPU unless the user chooses compilation flags: vLLM compiles the model with inductor by
 # default, which took ~160 s of start-up on the 2-core machine vs ~50 s eager, while a rough check
 # of decode speed on SmolLM2 showed no gain (~22 vs ~21 tokens/s, one request each).
-ROUTES_MIDDLEWARE = "headwise.server.routes.HeadwiseRoutes"
-ENV_CONFIGS = "HEADWISE_CONFIGS"
+ROUTES_MIDDLEWARE = "headwise.server.commands.routes.HeadwiseRoutes"
+ENV_CONFIGS = env.CONFIGS
 
 
 class ServeError(RuntimeError):
@@ -50,9 +52,7 @@ class ServeError(RuntimeError):
 
 def configs_dir() -> Path:
     """``$HEADWISE_CONFIGS``, else the repository's ``configs/`` next to the package sources."""
-    if os.environ.get(ENV_CONFIGS):
-        return Path(os.environ[ENV_CONFIGS]).expanduser()
-    return Path(__file__).resolve().parents[1] / "configs"
+    return env.configs_dir()
 
 
 def say(message: str) -> None:
@@ -150,10 +150,12 @@ def _resolve_plan(plan: str | None, embedded: bool) -> Path:
 def _validate_plan(plan: Path, model: str, tensor_parallel_size: int) -> None:
     """The plugin's start-up check: geometry, patterns and TP divisibility, before any engine."""
     from headwise.patterns.plan import PlanError
-    from headwise.server.plan_binding import validate_plan_for_model
+    from headwise.server.plugin.plan_binding import GeometryError, validate_plan_for_model
 
     try:
         validate_plan_for_model(str(plan), model, tensor_parallel_size=tensor_parallel_size)
+    except GeometryError as exc:
+        raise ServeError(f"cannot read the configuration of model {model} to check plan {plan}: {exc}") from exc
     except (PlanError, ValueError) as exc:
         raise ServeError(f"plan {plan} cannot serve model {model}:\n{exc}") from exc
     except (OSError, ModelError) as exc:  # a hub id that is not cached and cannot be fetched, a gated repo
@@ -244,7 +246,7 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
         defaults.append("--enforce-eager on CPU (pass -O1 or --no-enforce-eager to compile)")
     argv += extra
 
-    env: dict[str, str] = {}
+    child_env: dict[str, str] = {}
     owned = None
     plan_path = None
     if headwise:
@@ -254,7 +256,7 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
         _validate_plan(plan_path, model_path, user.tensor_parallel_size)
         from headwise.server.plugin import PLUGIN_NAME, enable_env
 
-        stats_dir = os.environ.get("HEADWISE_STATS_DIR")
+        stats_dir = env.stats_dir()
         if not stats_dir:
             stats_dir = owned = tempfile.mkdtemp(prefix="headwise-stats-")
         try:
@@ -263,15 +265,15 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
             if owned:
                 shutil.rmtree(owned, ignore_errors=True)
             raise
-        env.update(enable_env(plan_path, stats_dir))
+        child_env.update(enable_env(plan_path, stats_dir))
         allow = os.environ.get("VLLM_PLUGINS")
         if allow is not None and PLUGIN_NAME not in [p.strip() for p in allow.split(",")]:
-            env["VLLM_PLUGINS"] = ",".join(p for p in (allow, PLUGIN_NAME) if p)
+            child_env["VLLM_PLUGINS"] = ",".join(p for p in (allow, PLUGIN_NAME) if p)
             defaults.append(f"'{PLUGIN_NAME}' added to VLLM_PLUGINS")
     elif plan:
         raise ServeError("--plan and --no-headwise contradict each other; pass one of them")
     argv += ["--middleware", ROUTES_MIDDLEWARE]
-    return Launch(argv, env, model_path, str(plan_path) if plan_path else None, defaults, owned, unset)
+    return Launch(argv, child_env, model_path, str(plan_path) if plan_path else None, defaults, owned, unset)
 
 
 # ------------------------------------------------------------------------ running it

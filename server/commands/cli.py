@@ -14,12 +14,21 @@ import sys
 
 # (module, why it is here) — the order is the order of `headwise --help`.
 _COMMAND_MODULES = (
-    "headwise.server.serve",  # serve: the OpenAI-compatible server with headwise attention
-    "headwise.server.profile_cmd",  # profile: measure a model's heads and write a Plan
-    "headwise.server.plan_cmd",  # plan validate / plan show
-    "headwise.server.model",  # model prepare: the embedded default model
-    "headwise.server.loadtest_cmd",  # loadtest: headless locust run with CSV, JSON and plots
+    "headwise.server.commands.serve",  # serve: the OpenAI-compatible server with headwise attention
+    "headwise.server.commands.profile_cmd",  # profile: measure a model's heads and write a Plan
+    "headwise.server.commands.plan_cmd",  # plan validate / plan show
+    "headwise.server.commands.model",  # model prepare: the embedded default model
 )
+# Commands that live outside the server floor (``headwise loadtest`` in ``headwise.loadtests``)
+# join through this entry-point group, so no server module imports them.
+ENTRY_POINT_GROUP = "headwise.commands"
+
+
+def _command_modules() -> list[str]:
+    from importlib.metadata import entry_points
+
+    extra = sorted(ep.value for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return [*_COMMAND_MODULES, *(m for m in extra if m not in _COMMAND_MODULES)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-head sparse attention for long-context serving inside vLLM.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
+    for name in _command_modules():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -6,7 +6,7 @@
 The model runs in Hugging Face transformers with the headwise attention in capture mode: dense
 attention through the headwise kernels, and each layer's q/k handed to ``score_layer`` as the
 forward passes, so nothing is kept between layers. Calibration prompts are the retrieval tasks
-of ``headwise.server.tasks`` with the expected answer appended as the assistant's reply, so the
+of ``headwise.server.commands.tasks`` with the expected answer appended as the assistant's reply, so the
 last rows scored are the rows that must find the needle. ``choose_patterns`` (a MILP) then picks
 one prefill pattern per head under the density budget, decode patterns follow the rules in
 ``patterns.profile.decode_for``, and the Plan is written atomically with its provenance in
@@ -132,7 +132,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
     from headwise.patterns.profile import ProfileScores, default_candidates, score_layer
     from headwise.patterns.profile_decode import TidalScores
 
-    from . import hf
+    from headwise.server.plugin import hf
     from .model import read_geometry, resolve_model
 
     started = time.monotonic()

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from headwise.server import env
 from headwise.kernels.index import SparseIndex
 from headwise.kernels.prefill_plan import head_sets
 
 PAGE = 32  # tokens per scratch page (the AMX code path needs a multiple of 32)
 CACHE_ISA = "vec"  # the code path whose page layout the real cache keeps (``kv_cache.py``)
-ENV_DISABLE = "HEADWISE_CPU_NATIVE"  # "0": never use vLLM's op (comparisons, debugging)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +57,7 @@ def _isa(dtype: torch.dtype, head_dim: int) -> str | None:
 
 
 def available(dtype: torch.dtype, head_dim: int) -> bool:
-    return os.environ.get(ENV_DISABLE, "1") != "0" and _isa(dtype, head_dim) is not None
+    return env.cpu_native() and _isa(dtype, head_dim) is not None
 
 
 @dataclass

@@ -157,7 +157,7 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     runtime: HeadwiseRuntime | None = getattr(module, "_headwise_runtime", None)
     if runtime is None:
         raise RuntimeError("headwise attention: no plan is attached to this model; call "
-                           "headwise.server.hf.attach_plan(model, plan) after from_pretrained")
+                           "headwise.server.plugin.hf.attach_plan(model, plan) after from_pretrained")
     if dropout:
         raise ValueError(f"headwise attention: dropout {dropout} is not supported (inference only)")
     layer = int(module.layer_idx)

@@ -71,7 +71,7 @@ class ServerProcess:
         return f"{self.url}/v1"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "headwise.server.cli", "serve", *self.args,
+        return [sys.executable, "-m", "headwise.server.commands.cli", "serve", *self.args,
                 "--host", self.host, "--port", str(self.port)]
 
     def start(self, timeout_s: float = 300.0) -> "ServerProcess":

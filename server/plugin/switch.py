@@ -22,19 +22,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from .stats import ENV_STATS_DIR
+from headwise.server import env
 
-ENV_ENABLE = "HEADWISE_ENABLE"
-ENV_PLAN = "HEADWISE_PLAN"
+ENV_ENABLE, ENV_PLAN, ENV_STATS_DIR = env.ENABLE, env.PLAN, env.STATS_DIR
 PLUGIN_NAME = "headwise"  # the entry-point name in pyproject.toml (what VLLM_PLUGINS must list)
-CPU_BACKEND = "headwise.server.backend.HeadwiseCPUBackend"
-CUDA_BACKEND = "headwise.server.backend.HeadwiseCUDABackend"
+CPU_BACKEND = "headwise.server.plugin.backend.HeadwiseCPUBackend"
+CUDA_BACKEND = "headwise.server.plugin.backend.HeadwiseCUDABackend"
 
 _registered: str | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_ENABLE, "") == "1"
+    return env.enabled()
 
 
 def register() -> None:

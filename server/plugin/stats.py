@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-ENV_STATS_DIR = "HEADWISE_STATS_DIR"
+from headwise.server import env
+
+ENV_STATS_DIR = env.STATS_DIR
 PUBLISH_INTERVAL_S = 0.5
 PHASES = ("prefill", "decode")
 PATHS = ("sparse", "dense_fallback")
@@ -31,7 +33,7 @@ _FILE_PREFIX = "worker-"
 
 
 def stats_dir_from_env() -> str | None:
-    return os.environ.get(ENV_STATS_DIR) or None
+    return env.stats_dir()
 
 
 class StatsRecorder:

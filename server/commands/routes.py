@@ -1,7 +1,7 @@
 """The headwise HTTP surface next to vLLM's: ``/v1/headwise/plan``, ``/v1/headwise/stats``, metrics.
 
 ``HeadwiseRoutes`` is an ASGI middleware that ``headwise serve`` hands to vLLM with
-``--middleware headwise.server.routes.HeadwiseRoutes`` (any ``vllm serve`` can use it the same
+``--middleware headwise.server.commands.routes.HeadwiseRoutes`` (any ``vllm serve`` can use it the same
 way). vLLM builds its FastAPI app itself, so the middleware waits for the first ASGI event (the
 lifespan start-up, before any request) and then, once:
 
@@ -27,18 +27,16 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from .plugin import ENV_ENABLE, ENV_PLAN
+from headwise.server import env
 from .serve import say
-from .stats import HeadwiseCollector, read_stats, stats_dir_from_env
+from headwise.server.plugin.stats import HeadwiseCollector, read_stats, stats_dir_from_env
 
 router = APIRouter(prefix="/v1/headwise", tags=["headwise"])
 READY_WAIT_S = 60.0  # how long the ready line waits for the socket after the app started
 
 
 def _active_plan_path() -> str | None:
-    if os.environ.get(ENV_ENABLE) != "1":
-        return None
-    return os.environ.get(ENV_PLAN) or None
+    return env.plan_path() if env.enabled() else None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

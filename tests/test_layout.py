@@ -1,0 +1,79 @@
+"""The floors and rooms of the source tree, checked from the imports each module states.
+
+kernels <- patterns <- server (nothing imports upward); kernels and patterns never import vLLM
+or transformers (they must run on a GPU machine with only torch and triton); inside ``server/``
+the plugin room never imports the commands room, and no server module imports ``loadtests``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = ["headwise", *rel.parts[:-1]] if rel.parts[0] in ("kernels", "patterns", "server", "loadtests") \
+        else list(rel.parts[:-1])
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return found
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+# (folder, forbidden import prefixes, why)
+RULES = [
+    ("kernels", ("headwise.patterns", "headwise.server", "vllm", "transformers"), "the lowest floor"),
+    ("patterns", ("headwise.server", "vllm", "transformers"), "above kernels, below server; runs without vLLM"),
+    ("server/plugin", ("headwise.server.commands", "headwise.loadtests"), "the plugin room never imports a command"),
+    ("server/commands", ("headwise.loadtests",), "loadtests join the CLI through an entry point"),
+]
+
+
+@pytest.mark.parametrize("folder,forbidden,why", RULES, ids=[r[0] for r in RULES])
+def test_imports_respect_the_floors(folder, forbidden, why):
+    bad = []
+    for path in _modules(folder):
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, f"{folder} ({why}):\n" + "\n".join(bad)
+
+
+def test_server_root_holds_only_shared_modules():
+    """Every server module belongs to a room; only the package marker and ``env`` sit at the top."""
+    top = sorted(p.name for p in (ROOT / "server").glob("*.py"))
+    assert top == ["__init__.py", "env.py"], top
+
+
+def test_headwise_environment_is_read_in_one_module():
+    """``HEADWISE_*`` names are spelled out in ``server/env.py`` only (kernels' debug switch aside)."""
+    offenders = []
+    for folder in ("server", "loadtests", "patterns"):
+        for path in _modules(folder):
+            if path.name == "env.py":
+                continue
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if '"HEADWISE_' in code or "'HEADWISE_" in code:
+                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
