@@ -14,8 +14,9 @@ from pydantic import Field
 
 from headwise.kernels.index import SparseIndex
 
+from . import density
 from .base import DensityContext, PatternModel, PrefillInputs
-from .ranges import block_bounds, fast_density, make_index, merge_intervals, no_columns, sink_window_intervals
+from .ranges import block_bounds, make_index, merge_intervals, no_columns, sink_window_intervals
 
 
 class AShape(PatternModel):
@@ -42,5 +43,4 @@ def build_prefill(p: AShape, inp: PrefillInputs) -> SparseIndex:
 
 
 def expected_density(p: AShape, length: int, ctx: DensityContext = DensityContext()) -> float:
-    one = torch.ones(1, dtype=torch.long)
-    return fast_density(sink_window_index(one * p.sink, one * p.window, length, 0, ctx.block_m))
+    return density.sink_window_density(p.sink, p.window, length, ctx.block_m)  # = the built index's

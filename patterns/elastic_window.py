@@ -14,9 +14,9 @@ from pydantic import Field
 
 from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
 
+from . import density
 from .a_shape import sink_window_index
 from .base import DecodeInputs, DensityContext, PatternModel, PrefillInputs
-from .ranges import fast_density
 
 SPAN_ROUND = 64  # spans are multiples of 64 tokens, as in the MoA search space
 
@@ -55,8 +55,7 @@ def select_decode(p: ElasticWindow, inp: DecodeInputs) -> DecodeSelection:
 
 def expected_density(p: ElasticWindow, length: int, ctx: DensityContext = DensityContext()) -> float:
     w = span(p, length + ctx.planned_generation)
-    one = torch.ones(1, dtype=torch.long)
-    return fast_density(sink_window_index(one * p.sink, one * w, length, 0, ctx.block_m))
+    return density.sink_window_density(p.sink, w, length, ctx.block_m)  # = the built index's
 
 
 def expected_decode_density(p: ElasticWindow, length: int, ctx: DensityContext = DensityContext()) -> float:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from headwise.kernels import estimate
 from headwise.kernels.index import SparseIndex
 
+from . import density
 from .base import DensityContext, PatternModel, PrefillInputs
 from .plan_errors import invalid
 from .ranges import block_bounds, compact, make_index, merge_intervals, no_columns
@@ -129,7 +130,4 @@ def build_prefill(p: Hierarchical, inp: PrefillInputs) -> SparseIndex:
 
 def expected_density(p: Hierarchical, length: int, ctx: DensityContext = DensityContext()) -> float:
     """Each query keeps at most sink + window + the last stage's budget keys."""
-    t = torch.arange(length, dtype=torch.float64)
-    keys = p.sink + p.window + ctx.block_m + p.stages[-1].budget
-    kept = torch.minimum(t + 1, torch.full_like(t, float(keys)))
-    return float(kept.sum() / (t + 1).sum()) if length else 0.0
+    return density.density_for_keys(p.sink + p.window + ctx.block_m + p.stages[-1].budget, length)

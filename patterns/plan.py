@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -50,6 +51,16 @@ DecodeSpec = Annotated[Union[Dense, Window, ElasticWindow, Tidal, PageTopK, Stri
 
 FORMAT_VERSION = 1
 
+# Upper bounds on a plan's geometry, checked before anything is sized by it (the plan expands to
+# layers x heads tables): far above any Llama-family model (Llama 3.1 405B: 126 layers x 128 heads,
+# head_dim 128), low enough that a plan declaring 10^9 layers is refused at once.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_CELLS = 1 << 18  # layers x query heads
+MAX_SUMMARY_LENGTH = 1 << 40  # Plan.summary lengths; densities are closed forms, this only keeps sums sane
+SUMMARY_CACHE = 64  # summaries kept per plan (least recently used dropped)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,13 +71,17 @@ class ModelGeometry(_Strict):
 
     name: str | None = Field(None, description="model id or path, informational")
     architecture: str = Field(description="Hugging Face architecture, e.g. LlamaForCausalLM")
-    num_layers: int = Field(ge=1)
-    num_heads: int = Field(ge=1, description="query heads per layer (global, before tensor parallelism)")
-    num_kv_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
+    num_layers: int = Field(ge=1, le=MAX_LAYERS)
+    num_heads: int = Field(ge=1, le=MAX_HEADS,
+                           description="query heads per layer (global, before tensor parallelism)")
+    num_kv_heads: int = Field(ge=1, le=MAX_HEADS)
+    head_dim: int = Field(ge=1, le=MAX_HEAD_DIM)
 
     @model_validator(mode="after")
     def _gqa(self) -> "ModelGeometry":
+        if self.num_layers * self.num_heads > MAX_CELLS:
+            raise invalid(f"at most {MAX_CELLS} (layer, head) cells in all",
+                          f"{self.num_layers} layers x {self.num_heads} heads = {self.num_layers * self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise invalid("num_heads a multiple of num_kv_heads", f"{self.num_heads} query heads, "
                           f"{self.num_kv_heads} KV heads")
@@ -127,6 +142,7 @@ class Plan(_Strict):
     _decode: list[list[Any]] = PrivateAttr(default_factory=list)
     _origin_decode: list[list[str]] = PrivateAttr(default_factory=list)
     _source: str | None = PrivateAttr(default=None)
+    _summaries: "OrderedDict[int, tuple[LayerSummary, ...]]" = PrivateAttr(default_factory=OrderedDict)
 
     @model_validator(mode="after")
     def _expand(self, info: ValidationInfo) -> "Plan":
@@ -205,7 +221,25 @@ class Plan(_Strict):
                               num_layer_heads=m.num_heads, num_layer_kv_heads=m.num_kv_heads, block_m=s.block_size)
 
     def summary(self, length: int) -> list[LayerSummary]:
-        """Per layer: the patterns its heads use and the expected densities at ``length`` tokens."""
+        """Per layer: the patterns its heads use and the expected densities at ``length`` tokens.
+
+        Costs O(layers x heads) whatever ``length`` is (every density is a closed form or a bounded
+        sample); the last ``SUMMARY_CACHE`` lengths asked are kept.
+        """
+        length = int(length)
+        if not 0 <= length <= MAX_SUMMARY_LENGTH:
+            raise ValueError(f"length {length}: expected 0..{MAX_SUMMARY_LENGTH} tokens")
+        rows = self._summaries.get(length)
+        if rows is None:
+            rows = tuple(self._summary(length))
+            self._summaries[length] = rows
+            while len(self._summaries) > SUMMARY_CACHE:
+                self._summaries.popitem(last=False)
+        else:
+            self._summaries.move_to_end(length)
+        return list(rows)
+
+    def _summary(self, length: int) -> list[LayerSummary]:
         ctx = self.density_context()
         dense = length < self.settings.dense_below
         # a tidal 'reuse' layer reads as many positions as the last 'select' layer of its head chose

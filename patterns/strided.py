@@ -17,8 +17,9 @@ from pydantic import Field
 
 from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
 
+from . import density
 from .base import DecodeInputs, DensityContext, PatternModel, PrefillInputs
-from .ranges import block_bounds, compact, fast_density, make_index, no_columns, ranges_from_mask
+from .ranges import block_bounds, compact, make_index, no_columns, ranges_from_mask
 
 
 class Strided(PatternModel):
@@ -75,9 +76,10 @@ def select_decode(p: Strided, inp: DecodeInputs) -> DecodeSelection:
 def expected_density(p: Strided, length: int, ctx: DensityContext = DensityContext()) -> float:
     """Averaged over every head of the layer: the shards differ per KV head."""
     heads = list(range(ctx.num_layer_heads))
-    inp = PrefillInputs(heads=heads, num_layer_heads=ctx.num_layer_heads, q_offset=0, q_len=length,
-                        total_len=length, block_m=ctx.block_m, num_layer_kv_heads=ctx.num_layer_kv_heads)
-    return fast_density(build_prefill(p, inp))
+    inp = PrefillInputs(heads=heads, num_layer_heads=ctx.num_layer_heads, q_offset=0, q_len=1,
+                        total_len=1, block_m=ctx.block_m, num_layer_kv_heads=ctx.num_layer_kv_heads)
+    shifts = _shift(p, inp.global_kv_heads(), ctx.num_layer_kv_heads or ctx.num_layer_heads).tolist()
+    return density.strided_density(p.local_blocks, p.vert_stride, p.block_size, shifts, length, ctx.block_m)
 
 
 def expected_decode_density(p: Strided, length: int, ctx: DensityContext = DensityContext()) -> float:

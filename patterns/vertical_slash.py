@@ -21,6 +21,7 @@ from pydantic import Field
 from headwise.kernels import estimate
 from headwise.kernels.index import SparseIndex
 
+from . import density
 from .base import DensityContext, PatternModel, PrefillInputs
 from .ranges import block_bounds, cat_blocks, compact, drop_covered, make_index, merge_intervals
 
@@ -91,9 +92,7 @@ def build_prefill(p: VerticalSlash, inp: PrefillInputs) -> SparseIndex:
 
 def _density_for_keys(keys: float, length: int) -> float:
     """Causal density when query ``t`` keeps ``min(t + 1, keys)`` keys."""
-    t = torch.arange(length, dtype=torch.float64)
-    kept = torch.minimum(t + 1, torch.full_like(t, float(keys)))
-    return float(kept.sum() / (t + 1).sum()) if length else 0.0
+    return density.density_for_keys(keys, length)  # closed form
 
 
 def expected_density(p: VerticalSlash, length: int, ctx: DensityContext = DensityContext()) -> float:

@@ -266,7 +266,10 @@ def test_plan_route_describes_the_shipped_plan(server):
     assert 0 < plan["expected_density"]["prefill"] < 1
     short = _get(server, f"/v1/headwise/plan?length={plan['settings']['dense_below'] - 1}").json()
     assert all(row["prefill_density"] == 1.0 for row in short["layers"])  # dense below the threshold
-    assert _get(server, "/v1/headwise/plan?length=0").status_code == 400
+    for bad in (0, 8193, 10**10):  # 10^10 once made the API server allocate ~20 GB and get OOM-killed
+        r = _get(server, f"/v1/headwise/plan?length={bad}")
+        assert r.status_code == 400 and "1..8192" in r.json()["error"]["message"], r.text
+    assert server.healthy()
 
 
 def test_a_long_prompt_runs_sparse_and_shows_in_stats_and_metrics(server, client):

@@ -66,16 +66,27 @@ def _max_model_len(request: Request) -> int | None:
     return getattr(getattr(config, "model_config", None), "max_model_len", None)
 
 
+FALLBACK_MAX_LENGTH = 8192  # the plan route's bound when the app carries no vLLM config (tests)
+
+
 @router.get("/plan")
 async def get_plan(request: Request, length: int | None = Query(
-        None, ge=1, description="sequence length the expected densities are computed at "
-                                "(default: the server's max-model-len)")):
-    """The active plan: per-layer patterns and the densities expected at ``length`` tokens."""
+        None, description="sequence length the expected densities are computed at, "
+                          "1..the server's max-model-len (default: the max-model-len)")):
+    """The active plan: per-layer patterns and the densities expected at ``length`` tokens.
+
+    The answer costs the same at every ``length`` (closed-form densities, summaries cached per
+    length); ``length`` must still be one this server can serve, so a typo gets a 400 that says so.
+    """
+    limit = _max_model_len(request) or FALLBACK_MAX_LENGTH
+    if length is not None and not 1 <= length <= limit:
+        return _error(400, f"length={length}: expected a sequence length in 1..{limit} tokens "
+                           f"(this server's max-model-len is {limit})", "BadRequestError")
     path = _active_plan_path()
     if path is None:
         return _error(404, _OFF, "NotFoundError")
     plan = _load_plan(path)
-    length = length or _max_model_len(request) or 8192
+    length = length or limit
     layers = [dataclasses.asdict(row) for row in plan.summary(length)]
     return {
         "object": "headwise.plan",
