@@ -15,68 +15,101 @@ HQ, HKV, D = 9, 3, 64
 pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, D), reason="vLLM's CPU attention op is not here")
 
 
-def _qkv(s: int, tq: int, seed: int):
+PAGE = 32
+
+
+def _paged(s: int, tq: int, seed: int, page: int = PAGE):
+    """Queries, contiguous K/V and the same K/V in a paged cache under a scattered block row."""
+    from headwise.server.plugin.kv_cache import write_kv
+
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(tq, HQ, D, generator=g).bfloat16()
     k, v = (torch.randn(s, HKV, D, generator=g).bfloat16() for _ in range(2))
-    return q, k, v
+    n = -(-s // page)
+    blocks = torch.randperm(n + 5, generator=g)[:n]  # scattered: a wrong lookup reads other data
+    kv = torch.zeros(n + 5, HKV, page, 2 * D, dtype=torch.bfloat16)
+    write_kv(k, v, kv, (blocks.repeat_interleave(page) * page + torch.arange(page).repeat(n))[:s])
+    return q, k, v, kv, blocks.to(torch.int32)
 
 
-def _check(index: SparseIndex, q, k, v) -> None:
-    calls = cpu_ops.plan_calls(index, HKV)
-    assert calls is not None
-    got = cpu_ops.run_calls(q, k, v, calls, D ** -0.5)
-    want, _ = masked_attention_reference(q, k, v, index.to_dense_mask(), D ** -0.5)
+def _rounded_mask(index: SparseIndex, page: int) -> torch.Tensor:
+    """``[H, Tq, S]``: the keys the op attends when it reads ``page_mask``'s pages (causal)."""
+    pm = cpu_ops.page_mask(index, page)  # [H, NQB, P]
+    qpos = index.q_offset + torch.arange(index.q_len)
+    per_query = pm[:, torch.arange(index.q_len) // index.block_m]  # [H, Tq, P]
+    keys = per_query[..., torch.arange(index.seq_len) // page]  # [H, Tq, S]
+    return keys & (torch.arange(index.seq_len)[None, :] <= qpos[:, None])[None]
+
+
+def _check(index: SparseIndex, seed: int = 0):
+    """The op over the real cache equals the fp32 oracle under the page-rounded mask, and that mask
+    keeps every key of the pattern (a superset); returns the schedule."""
+    q, k, v, kv, row = _paged(index.seq_len, index.q_len, seed)
+    sched = cpu_ops.plan_prefill(index, row, PAGE, HKV, D, torch.bfloat16)
+    got = cpu_ops.run(q, kv, sched, D ** -0.5)
+    exact, rounded = index.to_dense_mask(), _rounded_mask(index, PAGE)
+    assert bool((rounded | ~exact).all()), "page rounding dropped a kept key"
+    assert sched.kept_pairs == int(rounded.sum())  # the density the stats report is the rounded one
+    want, _ = masked_attention_reference(q, k, v, rounded, D ** -0.5)
     # bf16 output: one rounding step of outputs up to ~2 is 7.8e-3 (the largest error measured here)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+    return sched
 
 
 @pytest.mark.parametrize("s,q_offset", [(700, 0), (700, 333), (97, 0)])
-def test_dense_rows_match_dense_causal_attention_at_any_offset(s, q_offset):
-    q, k, v = _qkv(s, s - q_offset, seed=s + q_offset)
+def test_dense_rows_are_one_request_over_the_real_pages_at_any_offset(s, q_offset):
     index = SparseIndex.dense(HQ, s - q_offset, q_offset)
-    calls = cpu_ops.plan_calls(index, HKV)
+    sched = _check(index, seed=s + q_offset)
     # every head keeps the same keys: one call over all heads, one request (not one per block)
-    assert len(calls) == 1 and calls[0].kv_head is None and len(calls[0].seq_lens) == 1
-    _check(index, q, k, v)
+    assert len(sched.calls) == 1 and sched.calls[0].heads is None and len(sched.calls[0].seq_lens) == 1
 
 
 def test_sinks_and_page_aligned_windows_per_kv_group():
-    # window 513 = the query itself + 512 keys: a block's window starts on a page boundary
+    # window 513 = the query itself + 512 keys: a block's window starts on a page boundary (exact)
     s = 1100
-    q, k, v = _qkv(s, s, seed=1)
     sink = torch.tensor([64] * 3 + [32] * 3 + [0] * 3)
     window = torch.tensor([513] * 3 + [257] * 3 + [129] * 3)
     index = sink_window_index(sink, window, s, 0, 64)
-    calls = cpu_ops.plan_calls(index, HKV)
-    assert sorted(c.kv_head for c in calls) == [0, 1, 2] and all(len(c.heads) == 3 for c in calls)
-    _check(index, q, k, v)
+    sched = _check(index, seed=1)
+    assert sorted(c.kv_head for c in sched.calls) == [0, 1, 2] and all(len(c.heads) == 3 for c in sched.calls)
+    assert sched.kept_pairs == int(index.to_dense_mask().sum())  # page-shaped: nothing rounded
 
 
 def test_a_chunk_after_a_cached_prefix_and_a_dense_tail():
     s, q_offset = 1000, 384
-    q, k, v = _qkv(s, s - q_offset, seed=2)
     index = sink_window_index(torch.full((HQ,), 32), torch.full((HQ,), 129), s - q_offset, q_offset, 64)
     tailed = with_dense_tail(index, 100)
     assert int(tailed.range_count[0, -1]) == 1 and int(tailed.range_end[0, -1, 0]) == s  # last blocks dense
     assert torch.equal(tailed.range_count[:, 0], index.range_count[:, 0])  # the rest untouched
-    _check(tailed, q, k, v)
+    _check(tailed, seed=2)
 
 
-def test_indices_without_a_page_form_are_refused():
+def test_indices_without_a_page_form_are_rounded_up_to_whole_pages():
     s = 600
     unaligned = sink_window_index(torch.full((HQ,), 64), torch.full((HQ,), 512), s, 0, 64)
-    assert cpu_ops.plan_calls(unaligned, HKV) is None  # window starts one past a page boundary
-    cols = [[[int(b * 64 + 40)] if b > 2 else [] for b in range(-(-s // 64))] for _ in range(HQ)]
-    ranges = [[[(max(0, b * 64 - 128), min(s, b * 64 + 64))] for b in range(-(-s // 64))] for _ in range(HQ)]
-    with_columns = SparseIndex.from_lists(ranges, [[[max(0, c[0] - 200)] if c else [] for c in h] for h in cols], s)
-    assert cpu_ops.plan_calls(with_columns, HKV) is None
-    off_page = SparseIndex.from_lists(ranges, [[[] for _ in h] for h in cols], s - 16, 16)
-    assert cpu_ops.plan_calls(off_page, HKV) is None  # the chunk starts off a page boundary
+    sched = _check(unaligned, seed=3)  # the window starts one past a page boundary
+    assert sched.kept_pairs > int(unaligned.to_dense_mask().sum())
+    nqb = -(-s // 64)
+    ranges = [[[(max(0, b * 64 - 128), min(s, b * 64 + 64))] for b in range(nqb)] for _ in range(HQ)]
+    cols = [[[max(0, b * 64 - 200)] if b > 4 else [] for b in range(nqb)] for h in range(HQ)]
+    _check(SparseIndex.from_lists(ranges, cols, s), seed=4)  # vertical columns: their pages
+    off_page = SparseIndex.from_lists([[[(0, 8), (max(0, b * 64 - 100), min(s, b * 64 + 64))]
+                                        for b in range(-(-(s - 16) // 64))] for _ in range(HQ)],
+                                      [[[] for _ in range(-(-(s - 16) // 64))] for _ in range(HQ)], s - 16, 16)
+    _check(off_page, seed=5)  # the chunk starts off a page boundary
+
+
+def test_heads_with_different_patterns_run_as_head_sets():
+    s = 900
+    sink = torch.tensor([64, 64, 0, 32, 32, 32, 0, 0, 64])
+    window = torch.tensor([300, 300, 129, 200, 200, 200, 700, 64, 64])
+    sched = _check(sink_window_index(sink, window, s, 0, 64), seed=6)
+    sets = sorted(c.heads for c in sched.calls)
+    assert [0, 1] in sets and [3, 4, 5] in sets and all(c.kv_head == c.heads[0] // 3 for c in sched.calls)
 
 
 def test_the_switch_turns_it_off(monkeypatch):
-    monkeypatch.setenv(cpu_ops.ENV_DISABLE, "0")
+    monkeypatch.setenv("HEADWISE_CPU_NATIVE", "0")
     assert not cpu_ops.available(torch.bfloat16, D)
 
 
@@ -106,7 +139,7 @@ def test_dense_decode_reads_the_real_cache_through_scattered_block_tables():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
-def test_the_default_plan_runs_entirely_on_the_op():
+def test_the_default_plan_is_page_shaped_so_nothing_is_rounded():
     from pathlib import Path
 
     from headwise.patterns.plan import load_plan
@@ -121,7 +154,9 @@ def test_the_default_plan_runs_entirely_on_the_op():
                                               q_offset, q_offset + q_len, st.block_size, q_len=q_len,
                                               num_layer_kv_heads=HKV, dense_below=st.dense_below,
                                               dense_tail=st.dense_tail)
-            assert cpu_ops.plan_calls(index, HKV) is not None, (q_offset, q_len, layer)
+            sched = cpu_ops.plan_prefill(index, torch.arange(-(-(q_offset + q_len) // PAGE), dtype=torch.int32),
+                                          PAGE, HKV, D, torch.bfloat16)
+            assert sched.kept_pairs == int(index.to_dense_mask().sum()), (q_offset, q_len, layer)  # exact
     assert all(spec.type == "dense" for layer in range(30) for spec in plan.layer_decode(layer))
 
 

@@ -71,8 +71,7 @@ def fakes(monkeypatch):
 
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_prefill_paged", prefill)
     monkeypatch.setitem(impl_mod.KERNELS, "sparse_decode", decode)
-    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # vLLM's CPU op: its own tests below
-    monkeypatch.setitem(impl_mod.KERNELS, "native_decode", None)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", None)  # vLLM's CPU op: its own tests below
     return rec
 
 
@@ -99,14 +98,20 @@ def test_mixed_batch_routes_each_row(tmp_path, fakes):
 
 
 @pytest.mark.skipif(not cpu_ops.available(torch.float32, D), reason="vLLM's CPU attention op is not here")
-def test_page_shaped_prefill_rows_run_on_vllms_cpu_op_and_the_rest_on_the_torch_kernel(tmp_path, fakes, monkeypatch):
+def test_every_prefill_row_runs_on_vllms_cpu_op_over_the_real_cache(tmp_path, fakes, monkeypatch):
+    """With 32-token cache pages the op reads the cache: dense rows as one request, page-shaped
+    windows exactly, a chunk off the page grid rounded up to whole pages (a superset). The torch
+    prefill kernel never runs; outputs match the oracle under the page-rounded mask."""
+    import plugin_batches
+
+    monkeypatch.setattr(plugin_batches, "BS", 32)
     native = []
 
-    def run_native(q, k, v, calls, scale):
-        native.append(q.shape[0])
-        return cpu_ops.run_calls(q, k, v, calls, scale)
+    def run_native(q, kv_cache, schedule, scale, out=None):
+        native.append((q.shape[0], schedule))
+        return cpu_ops.run(q, kv_cache, schedule, scale, out)
 
-    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", run_native)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", run_native)
     # window 33 = the query + one 32-token page: page-shaped for chunks starting on a page boundary
     plan = make_plan({"type": "a_shape", "sink": 32, "window": 33}, DENSE, dense_below=64)
     builder, impls = make_backend(plan, tmp_path)
@@ -115,15 +120,43 @@ def test_page_shaped_prefill_rows_run_on_vllms_cpu_op_and_the_rest_on_the_torch_
     md = builder.build(0, step.common)
     query = step.query(6)
     out = run_layer(impls[1], 1, step, md, query)
-    # dense (40 < dense_below), a_shape from 0, a_shape after a 64-token prefix: the op;
-    # a chunk starting at 50 puts its windows off the pages: the torch kernel
-    assert native == [40, 200, 100]
-    assert [c["index"].q_offset for k, c in fakes.calls if k == "prefill"] == [50]
+    assert [n for n, _ in native] == [40, 200, 100, 80] and not fakes.calls
     for i in range(len(reqs)):
-        mask = build_layer_prefill_index(plan.layer_prefill(1), list(range(HQ)), HQ, None, None, None,
-                                         reqs[i].context, reqs[i].context + reqs[i].q_len, q_len=reqs[i].q_len,
-                                         num_layer_kv_heads=HKV, dense_below=64).to_dense_mask()
-        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, mask), atol=ATOL, rtol=0)
+        index = build_layer_prefill_index(plan.layer_prefill(1), list(range(HQ)), HQ, None, None, None,
+                                          reqs[i].context, reqs[i].context + reqs[i].q_len, q_len=reqs[i].q_len,
+                                          num_layer_kv_heads=HKV, dense_below=64)
+        pm = cpu_ops.page_mask(index, 32)[:, torch.arange(index.q_len) // 64]  # [H, Tq, P]
+        rounded = pm[..., torch.arange(index.seq_len) // 32] & step.causal(i)
+        assert bool((rounded | ~index.to_dense_mask()).all())  # a superset of the pattern
+        assert native[i][1].kept_pairs == int(rounded.sum())
+        if i < 3:  # on the page grid: nothing rounded
+            assert torch.equal(rounded, index.to_dense_mask())
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, rounded), atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_ops.available(torch.float32, D), reason="vLLM's CPU attention op is not here")
+def test_a_step_whose_rows_are_all_dense_is_one_op_call_as_stock_makes_it(tmp_path, fakes, monkeypatch):
+    import plugin_batches
+
+    monkeypatch.setattr(plugin_batches, "BS", 32)
+    native = []
+
+    def run_native(q, kv_cache, schedule, scale, out=None):
+        native.append(q.shape[0])
+        return cpu_ops.run(q, kv_cache, schedule, scale, out)
+
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", run_native)
+    # sparse patterns, but every row is below dense_below: the whole batch is one dense call
+    plan = make_plan({"type": "a_shape", "sink": 32, "window": 33}, {"type": "window", "sink": 4, "window": 16},
+                     dense_below=4096)
+    builder, impls = make_backend(plan, tmp_path)
+    step = Step(MIXED, seed=8)
+    md = builder.build(0, step.common)
+    query = step.query(9)
+    out = run_layer(impls[0], 0, step, md, query)
+    assert native == [step.num_tokens] and not fakes.calls
+    for i in range(len(MIXED)):
+        torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, step.causal(i)), atol=ATOL, rtol=0)
 
 
 def test_without_vllms_prefill_flag_an_empty_context_still_marks_a_prompt(tmp_path, fakes):
@@ -168,7 +201,18 @@ def test_sparse_rows_and_dense_fallback(tmp_path, fakes):
     assert 0 < st["layers"][1]["density"]["prefill"] < 1 and st["attention_calls"] == 1
 
 
-def test_static_index_built_once_per_step_and_shared_by_layers(tmp_path, fakes):
+def test_static_index_built_once_per_step_and_shared_by_layers(tmp_path, fakes, monkeypatch):
+    from headwise.patterns import prefill as prefill_mod
+
+    builds = 0
+    real = prefill_mod.build_prefill
+
+    def counting(spec, inputs):
+        nonlocal builds
+        builds += 1
+        return real(spec, inputs)
+
+    monkeypatch.setattr(prefill_mod, "build_prefill", counting)
     plan = make_plan({"type": "a_shape", "sink": 8, "window": 32}, DENSE,
                      layers={"2": {"prefill": {"type": "a_shape", "sink": 16, "window": 32}}})
     builder, impls = make_backend(plan, tmp_path)
@@ -178,6 +222,7 @@ def test_static_index_built_once_per_step_and_shared_by_layers(tmp_path, fakes):
         run_layer(impls[layer], layer, step, md, step.query(10 + layer), write=layer == 0)
     ids = [id(c["index"]) for _, c in fakes.calls]
     assert ids[0] == ids[1] == ids[3] != ids[2]  # layer 2 has its own spec
+    assert builds == 2  # one index per (signature, row) for the whole step, not one per layer
     md2 = builder.build(0, step.common)  # next step: a fresh cache
     run_layer(impls[0], 0, step, md2, step.query(20), write=False)
     assert id(fakes.calls[-1][1]["index"]) != ids[0]
@@ -243,8 +288,7 @@ def test_simulated_cuda_dispatch_routes_to_triton_entry_points(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "headwise.kernels.decode_triton",
                         types.SimpleNamespace(sparse_decode_triton=triton_decode))
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
-    monkeypatch.setitem(impl_mod.KERNELS, "native_prefill", None)  # a CUDA build has no vLLM CPU op
-    monkeypatch.setitem(impl_mod.KERNELS, "native_decode", None)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", None)  # a CUDA build has no vLLM CPU op
     monkeypatch.setattr(dispatch, "sparse_prefill_paged_torch", refuse)
     monkeypatch.setattr(dispatch, "sparse_decode_torch", refuse)
 

@@ -1,218 +1,264 @@
-"""Prefill rows on vLLM's own CPU attention op, driven by virtual block tables.
+"""vLLM's own CPU attention op, run straight on the paged cache through virtual block tables.
 
-vLLM's CPU backend ships a fused paged-attention op (AMX or AVX-512 code paths) that attends each
-request's queries to the keys its block-table row lists, causally *by position within the row*.
-The row need not describe a real request: for one block of queries, listing only the KV pages its
-``SparseIndex`` keeps (sink pages, the window behind it, its own pages last) makes the op compute
-exactly that block's sparse attention. It does so when every kept range starts on a page boundary
-and every range but the one holding the queries also ends on one; columns (single keys) have no
-page form. One op call then runs every query block of a set of heads, each block a *virtual
-request* with its own row.
+vLLM's CPU backend ships a fused paged-attention op (``cpu_attention_with_kv_cache``) that attends
+each request's queries to the pages its block-table row lists, causally *by position within the
+row*. The row need not describe a real request: for one 64-query block of a prefill, a row that
+lists the cache pages holding the keys its ``SparseIndex`` keeps, with the block's own pages last,
+makes the op compute that block's sparse attention reading the real cache, no copy. A kept key
+set that is not made of whole pages (columns, unaligned diagonals, a window that starts mid-page)
+is *rounded up* to the pages it touches: a superset of the pattern's keys, whose density
+(``OpSchedule.kept_pairs``) is what the stats report.
+
+Everything here is planned on the host once per scheduler step and shared by every layer that
+uses the same index (``plan_prefill``, ``plan_batch``); per layer the impl only calls ``run``.
+
+* Dense rows, dense layers and dense decode rows: one virtual request per real request, which is
+  exactly the call stock vLLM makes (``plan_batch``): dense attention costs what stock costs.
+* Sparse prefill rows: one virtual request per query block, one op call per set of query heads
+  that keep the same pages (one call for the whole layer when every head does).
 
 The real cache keeps the page layout of the op's portable ``vec`` code path (``kv_cache.py``),
-which torch also reads through strided views: dense decode rows attend straight from it
-(``decode_dense``). Prefill compute is faster on the AMX code path, whose packed pages torch cannot
-read, so each prefill row's K/V are packed once per layer into a scratch cache of ``PAGE``-token
-pages with vLLM's writer. Indices that do not fit (columns, unaligned
-ranges, a chunk that starts off a page boundary) return ``None`` and the caller falls back to the
-torch kernel. Dense rows always fit: one request over the whole sequence.
-
-Per layer on a 2-core Xeon with AMX (SmolLM2 geometry, bf16, 8K tokens; ``bench/cpu_native.py``,
-``bench/results/cpu_native-vm.json``): dense causal prefill 101 ms on the op vs 135 ms on the torch
-kernel; the default plan's A-shape 64/257 with a 64-query dense tail 24 ms vs 135 ms; dense decode
-of one token 0.37 ms vs 3.4 ms.
+which torch reads through strided views for the patterns that need torch (estimation, token-level
+decode selections). On machines where stock vLLM would pick the AMX code path, stock computes on
+AMX tiles and headwise on ``vec``: faster than a repack per layer, slower than AMX for dense work
+(not measured here: the CI and development machines have no AMX).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from headwise.server import env
 from headwise.kernels.index import SparseIndex
-from headwise.kernels.prefill_plan import head_sets
+from headwise.server import env
 
-PAGE = 32  # tokens per scratch page (the AMX code path needs a multiple of 32)
 CACHE_ISA = "vec"  # the code path whose page layout the real cache keeps (``kv_cache.py``)
 
 
 @functools.lru_cache(maxsize=None)
-def _isa(dtype: torch.dtype, head_dim: int) -> str | None:
-    """vLLM's instruction-set choice for this dtype and head size, or None without the op."""
+def _has_op() -> bool:
     try:
         from vllm import _custom_ops as ops
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        if not hasattr(ops, "cpu_attention_with_kv_cache") or not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
-            return None
-        isa = _get_attn_isa(dtype, PAGE, head_dim)
-    except Exception:  # another vLLM build (CUDA) or an unsupported dtype/head size
-        return None
-    if isa == "amx" and not torch.cpu._init_amx():  # the process must ask the kernel for AMX tiles
-        return None
-    return isa
+        return hasattr(ops, "cpu_attention_with_kv_cache") and hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
+    except Exception:  # another vLLM build (CUDA) or no vLLM
+        return False
 
 
 def available(dtype: torch.dtype, head_dim: int) -> bool:
-    return env.cpu_native() and _isa(dtype, head_dim) is not None
+    """vLLM's op can run this dtype and head size here (``HEADWISE_CPU_NATIVE=0`` says never)."""
+    return env.cpu_native() and _has_op() and dtype in (torch.bfloat16, torch.float16, torch.float32) \
+        and head_dim % 32 == 0
+
+
+def cache_readable(kv_cache: torch.Tensor) -> bool:
+    """The op can read this cache: CPU, a supported dtype, pages of a multiple of 32 tokens."""
+    return (kv_cache.device.type == "cpu" and kv_cache.shape[2] % 32 == 0
+            and available(kv_cache.dtype, kv_cache.shape[-1] // 2))
+
+
+decode_available = cache_readable  # the name the KV writer and older callers use
+
+
+def _pages(kv_cache: torch.Tensor, kv_head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V page views ``[num_blocks, Hkv (or 1), block_size, D]`` in the op's layout (no copy)."""
+    nb, hkv, bs, d2 = kv_cache.shape
+    k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d2 // 2).chunk(2, dim=2)
+    if kv_head is None:
+        return k_pages, v_pages
+    return k_pages[:, kv_head:kv_head + 1], v_pages[:, kv_head:kv_head + 1]  # the op honours strides
+
+
+# ------------------------------------------------------------------------------ schedules
+@dataclass
+class OpCall:
+    """One op call: query heads ``heads`` (None: all) over KV head ``kv_head`` (None: all), every
+    virtual request a row of ``block_table`` (real cache block ids) with its length and queries."""
+
+    heads: list[int] | None
+    kv_head: int | None
+    block_table: torch.Tensor  # [R, max_pages] int32
+    seq_lens: torch.Tensor  # [R] int32 virtual lengths
+    query_start_loc: torch.Tensor  # [R + 1] int32, rows of the call's queries
+    metadata: torch.Tensor  # the op's work schedule, made once per step
 
 
 @dataclass
-class NativeCall:
-    """One op call: a set of query heads of one KV head (or every head of the layer, ``kv_head``
-    None, when all heads keep the same keys), every query block a virtual request."""
+class OpSchedule:
+    """Everything the op needs for one row (or batch) in one step, and the pairs it attends."""
 
-    heads: list[int]
-    kv_head: int | None
-    block_table: torch.Tensor  # [R, max_pages] int32 scratch pages
-    seq_lens: torch.Tensor  # [R] int32 virtual lengths
-    query_start_loc: torch.Tensor  # [R + 1] int32 rows of the chunk's queries
+    calls: list[OpCall]
+    kept_pairs: int  # (query, key) pairs attended per query head, summed over heads
+    causal_pairs: int
+    extra: dict = field(default_factory=dict)
 
-
-def _pages(start: int, end: int) -> range:
-    return range(start // PAGE, -(-end // PAGE))
+    @property
+    def density(self) -> float:
+        return self.kept_pairs / self.causal_pairs if self.causal_pairs else 1.0
 
 
-def _rows_for_head(index: SparseIndex, h: int) -> tuple[list[list[int]], list[int], list[int]] | None:
-    """Page lists, virtual lengths and query counts of head ``h``'s blocks, or None when a block's
-    key set is not a list of whole pages ending in the block's own span."""
-    if int(index.column_count[h].max()) > 0:
-        return None
-    starts, ends, counts = index.range_start[h].tolist(), index.range_end[h].tolist(), index.range_count[h].tolist()
-    pages_per_row, lens, q_counts = [], [], []
-    for i in range(index.num_q_blocks):
-        bs = index.q_offset + i * index.block_m
-        be = min(bs + index.block_m, index.seq_len)
-        ranges = [(s, min(e, be)) for s, e in zip(starts[i][:counts[i]], ends[i][:counts[i]]) if s < be]
-        if not ranges or ranges[-1][0] > bs or ranges[-1][1] < be:
-            return None  # the block's own span is not one kept range
-        if any(s % PAGE for s, _ in ranges) or any(e % PAGE for _, e in ranges[:-1]):
-            return None
-        pages = [p for s, e in ranges for p in _pages(s, e)]
-        pages_per_row.append(pages)
-        lens.append(len(pages) * PAGE - (-(-be // PAGE) * PAGE - be))
-        q_counts.append(be - bs)
-    return pages_per_row, lens, q_counts
-
-
-def _is_dense(index: SparseIndex, h: int) -> bool:
-    """Every block of head ``h`` keeps exactly its causal prefix ``[0, block end)``."""
-    bs = index.q_offset + torch.arange(index.num_q_blocks) * index.block_m
-    be = torch.clamp(bs + index.block_m, max=index.seq_len)
-    return bool((index.column_count[h] == 0).all() and (index.range_count[h] == 1).all()
-                and (index.range_start[h, :, 0] == 0).all() and (index.range_end[h, :, 0] >= be).all())
-
-
-def plan_calls(index: SparseIndex, num_kv_heads: int) -> list[NativeCall] | None:
-    """The op calls for ``index`` (all heads of a layer), or None when some head does not fit."""
-    group = index.num_heads // num_kv_heads
-    calls = []
-    for heads in head_sets(index, group):
-        h = heads[0]
-        if _is_dense(index, h):  # one request over the whole sequence, its queries last
-            rows, lens, q_counts = [list(_pages(0, index.seq_len))], [index.seq_len], [index.q_len]
-        else:
-            found = _rows_for_head(index, h)
-            if found is None:
-                return None
-            rows, lens, q_counts = found
-        table = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.int32)
-        for r, pages in enumerate(rows):
-            table[r, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(torch.tensor(q_counts, dtype=torch.int32), 0)
-        calls.append(NativeCall(heads, h // group, table, torch.tensor(lens, dtype=torch.int32), qsl))
-    first = calls[0]
-    if len(calls) == num_kv_heads and all(len(c.heads) == group and torch.equal(c.block_table, first.block_table)
-                                          and torch.equal(c.seq_lens, first.seq_lens) for c in calls):
-        # every head keeps the same keys: one call over all heads and KV heads, no slicing
-        return [NativeCall(list(range(index.num_heads)), None, first.block_table, first.seq_lens,
-                           first.query_start_loc)]
-    return calls
-
-
-def pack(k: torch.Tensor, v: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k, v [S, Hkv, D]`` (unit stride along D) -> the op's scratch K/V pages ``[P, Hkv, PAGE, D]``."""
+def _metadata(seq_lens: torch.Tensor, qsl: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+              dtype: torch.dtype, split_kv: bool) -> torch.Tensor:
     from vllm import _custom_ops as ops
 
-    s, h, d = k.shape
-    pages = torch.zeros(-(-s // PAGE), h, 2 * PAGE, d, dtype=k.dtype)  # the op reads whole pages: no NaN garbage
-    k_pages, v_pages = pages.chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k, v, k_pages, v_pages, torch.arange(s), isa)
-    return k_pages, v_pages
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=CACHE_ISA,
+        enable_kv_split=split_kv)
 
 
-def run_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: list[NativeCall], scale: float) -> torch.Tensor:
-    """Attention of the chunk's queries ``q [Tq, Hq, D]`` over the sequence's ``k, v [S, Hkv, D]``."""
+def _causal_pairs(q_lens: torch.Tensor, seq_lens: torch.Tensor) -> int:
+    """Pairs of causal attention for requests of ``q_lens`` queries ending at ``seq_lens`` keys."""
+    q, s = q_lens.long(), seq_lens.long()
+    return int((q * (s - q) + q * (q + 1) // 2).sum())
+
+
+def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, num_heads: int,
+               num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> OpSchedule:
+    """Dense causal attention of whole requests (prefill chunks and decodes alike), as stock does:
+    ``query_start_loc [B+1]``, ``seq_lens [B]``, ``block_table [B, max_blocks]`` as vLLM gives them."""
+    qsl = query_start_loc.to(torch.int32)
+    lens = seq_lens.to(torch.int32)
+    decode_only = bool((qsl[1:] - qsl[:-1] == 1).all())
+    meta = _metadata(lens, qsl, num_heads, num_kv_heads, head_dim, dtype, split_kv=decode_only)
+    call = OpCall(None, None, block_table.to(torch.int32), lens, qsl, meta)
+    pairs = _causal_pairs(qsl[1:] - qsl[:-1], lens) * num_heads
+    return OpSchedule([call], pairs, pairs)
+
+
+def page_mask(index: SparseIndex, page: int) -> torch.Tensor:
+    """``[H, NQB, P]`` bool: the cache pages each (head, query block) must read to see every key
+    its index keeps, its own span included (a superset when kept keys are not whole pages)."""
+    h, nqb = index.num_heads, index.num_q_blocks
+    num_pages = -(-index.seq_len // page)
+    start = index.q_offset + torch.arange(nqb) * index.block_m
+    end = torch.clamp(start + index.block_m, max=index.seq_len)
+    # ranges: +1 at the first page touched, -1 past the last, then a running sum over pages
+    marks = torch.zeros(h, nqb, num_pages + 1, dtype=torch.int32)
+    valid = torch.arange(index.range_start.shape[2]) < index.range_count[..., None]
+    rs, re = index.range_start.long(), torch.minimum(index.range_end.long(), end.view(1, -1, 1))
+    valid &= rs < re
+    first = torch.where(valid, rs // page, num_pages)
+    last = torch.where(valid, -(-re // page), num_pages)
+    marks.scatter_add_(2, first, valid.to(torch.int32))
+    marks.scatter_add_(2, last, -valid.to(torch.int32))
+    mask = marks.cumsum(2)[..., :num_pages] > 0
+    if index.columns.shape[2]:
+        cvalid = torch.arange(index.columns.shape[2]) < index.column_count[..., None]
+        cols = torch.where(cvalid, index.columns.long() // page, num_pages)
+        extra = torch.zeros(h, nqb, num_pages + 1, dtype=torch.bool)
+        extra.scatter_(2, cols, cvalid)
+        mask |= extra[..., :num_pages]
+    # the block's own span: its pages close every row (the op's causal mask needs them last)
+    pos = torch.arange(num_pages)
+    own = (pos[None, :] >= (start // page)[:, None]) & (pos[None, :] < (-(-end // page))[:, None])
+    return mask | own[None]
+
+
+def _rows(mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor, page: int, block_row: torch.Tensor):
+    """Virtual requests of one head set: ``mask [NQB, P]`` -> (block table of real ids, lengths, qsl)."""
+    counts = mask.sum(1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # kept pages first, ascending
+    width = int(counts.max())
+    pages = order[:, :width]
+    keep = torch.arange(width)[None, :] < counts[:, None]
+    table = torch.where(keep, block_row.long()[pages], 0).to(torch.int32)
+    # the last page holds the block's last query: trim the row to end exactly there
+    lens = (counts * page - (-(-end // page) * page - end)).to(torch.int32)
+    q_counts = (end - start).to(torch.int32)
+    qsl = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_counts, 0)
+    return table, lens, qsl
+
+
+def _dense_heads(index: SparseIndex) -> torch.Tensor:
+    """``[H]`` bool: every block of the head keeps exactly its causal prefix."""
+    start = index.q_offset + torch.arange(index.num_q_blocks) * index.block_m
+    end = torch.clamp(start + index.block_m, max=index.seq_len)
+    return ((index.column_count == 0).all(1) & (index.range_count == 1).all(1)
+            & (index.range_start[:, :, 0] == 0).all(1) & (index.range_end[:, :, 0] >= end[None]).all(1)) \
+        if index.range_start.shape[2] else torch.zeros(index.num_heads, dtype=torch.bool)
+
+
+def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype) -> OpSchedule:
+    """The op calls for one prefill chunk's ``index`` (all local heads) over the request's cache pages
+    ``block_row``; heads that keep the same pages share a call."""
+    index = index.to("cpu")
+    h = index.num_heads
+    group = h // num_kv_heads
+    start = index.q_offset + torch.arange(index.num_q_blocks) * index.block_m
+    end = torch.clamp(start + index.block_m, max=index.seq_len)
+    causal_per_head = _causal_pairs(end - start, end)
+    dense = _dense_heads(index)
+    if bool(dense.all()):  # one request over the whole sequence, its queries last
+        one = plan_batch(torch.tensor([0, index.q_len]), torch.tensor([index.seq_len]), block_row[None], h,
+                         num_kv_heads, head_dim, dtype)
+        return one
+    mask = page_mask(index, page)  # [H, NQB, P]
+    flat = mask.view(h, -1)
+    # heads with identical page sets, per KV head (a call reads one KV head unless all heads agree)
+    sets: list[list[int]] = []
+    for g in range(num_kv_heads):
+        reps: list[list[int]] = []
+        for hh in range(g * group, (g + 1) * group):
+            same = next((s for s in reps if torch.equal(flat[s[0]], flat[hh])), None)
+            (same.append(hh) if same is not None else reps.append([hh]))
+        sets.extend(reps)
+    whole = len(sets) == num_kv_heads and all(torch.equal(flat[s[0]], flat[0]) for s in sets)
+    calls, kept = [], 0
+    for heads in ([list(range(h))] if whole else sets):
+        table, lens, qsl = _rows(mask[heads[0]], start, end, page, block_row)
+        kv = None if whole else heads[0] // group
+        meta = _metadata(lens, qsl, len(heads), num_kv_heads if whole else 1, head_dim, dtype, split_kv=False)
+        calls.append(OpCall(None if whole else heads, kv, table, lens, qsl, meta))
+        kept += _causal_pairs(qsl[1:] - qsl[:-1], lens) * len(heads)
+    return OpSchedule(calls, kept, causal_per_head * h)
+
+
+# ------------------------------------------------------------------------------ the run
+def run(q: torch.Tensor, kv_cache: torch.Tensor, schedule: OpSchedule, scale: float,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q [T, Hq, D]`` (the schedule's query rows, in order) over the real cache."""
     from vllm import _custom_ops as ops
 
-    isa = _isa(q.dtype, q.shape[-1])
-    whole = len(calls) == 1 and calls[0].kv_head is None
-    out = torch.empty_like(q)
-    packed: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
-    for call in calls:
-        if call.kv_head not in packed:
-            g = call.kv_head
-            packed[g] = pack(k, v, isa) if g is None else pack(k[:, g:g + 1], v[:, g:g + 1], isa)
-        k_pages, v_pages = packed[call.kv_head]
-        qh = q.contiguous() if whole else q[:, call.heads].contiguous()
-        oh = out if whole else torch.empty_like(qh)
-        meta = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=call.seq_lens.shape[0], num_heads=len(call.heads), num_kv_heads=k_pages.shape[1],
-            head_dim=q.shape[-1], seq_lens=call.seq_lens, dtype=q.dtype, query_start_loc=call.query_start_loc,
-            causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+    if out is None:
+        out = torch.empty_like(q)
+    for call in schedule.calls:
+        k_pages, v_pages = _pages(kv_cache, call.kv_head)
+        qh = q if call.heads is None else q[:, call.heads]
+        qh = qh if qh.is_contiguous() else qh.contiguous()
+        oh = out if call.heads is None and out.is_contiguous() else torch.empty_like(qh)
         ops.cpu_attention_with_kv_cache(
             query=qh, key_cache=k_pages, value_cache=v_pages, output=oh, query_start_loc=call.query_start_loc,
             seq_lens=call.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-            block_table=call.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None)
-        if not whole:
-            out[:, call.heads] = oh
+            block_table=call.block_table, softcap=0.0, scheduler_metadata=call.metadata, s_aux=None)
+        if oh is not out:
+            if call.heads is None:
+                out.copy_(oh)
+            else:
+                out[:, call.heads] = oh
     return out
 
 
 def decode_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, step_cache: dict | None = None) -> torch.Tensor:
-    """Dense decode rows ``q [B, Hq, D]`` straight from the real paged cache (every cached token).
-    ``step_cache``: a dict kept for one scheduler step; the op's schedule is made once per step."""
-    from vllm import _custom_ops as ops
-
+    """Dense decode rows ``q [B, Hq, D]`` straight from the paged cache (every cached token)."""
     b, hq, d = q.shape
-    nb, hkv, bs, _ = kv_cache.shape
-    k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
-    key = ("native_decode", b, hq, hkv, d, q.dtype)
-    step = None if step_cache is None else step_cache.get(key)
-    if step is None:
-        qsl = torch.arange(b + 1, dtype=torch.int32)
-        lens = seq_lens.to(torch.int32)
-        meta = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=b, num_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=lens, dtype=q.dtype,
-            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=CACHE_ISA, enable_kv_split=True)
-        step = (qsl, lens, block_table.to(torch.int32), meta)
+    key = ("native_decode", b, hq, kv_cache.shape[1], d, q.dtype)
+    schedule = None if step_cache is None else step_cache.get(key)
+    if schedule is None:
+        schedule = plan_batch(torch.arange(b + 1), seq_lens, block_table, hq, kv_cache.shape[1], d, q.dtype)
         if step_cache is not None:
-            step_cache[key] = step
-    qsl, lens, table, meta = step
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=k_pages, value_cache=v_pages, output=out, query_start_loc=qsl, seq_lens=lens,
-        scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-        softcap=0.0, scheduler_metadata=meta, s_aux=None)
-    return out
-
-
-def decode_available(kv_cache: torch.Tensor) -> bool:
-    """The real cache can be read by the op: CPU, a supported dtype, pages of a multiple of 32."""
-    return (kv_cache.device.type == "cpu" and kv_cache.shape[2] % 32 == 0 and (kv_cache.shape[-1] // 2) % 32 == 0
-            and available(kv_cache.dtype, kv_cache.shape[-1] // 2))
+            step_cache[key] = schedule
+    return run(q, kv_cache, schedule, scale)
 
 
 def write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """vLLM's own writer for the real cache (the layout ``kv_cache.split_kv`` reads; one fused call)."""
     from vllm import _custom_ops as ops
 
-    nb, hkv, bs, d2 = kv_cache.shape
-    k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d2 // 2).chunk(2, dim=2)
+    k_pages, v_pages = _pages(kv_cache)
     ops.cpu_attn_reshape_and_cache(key, value, k_pages, v_pages, slots, CACHE_ISA)

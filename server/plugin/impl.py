@@ -1,22 +1,24 @@
-"""The per-layer run of the headwise backend: KV write, decode rows, prefill rows, stats.
+"""The per-layer run of the headwise backend: write K/V, then run what the step plan says.
 
 vLLM calls ``do_kv_cache_update`` (new tokens' K/V into the paged cache) and then ``forward``
 for every attention layer. By then every position ``0..seq_len-1`` of every request is in the
 cache, so a prefill row attends over the whole sequence read from there: later chunks of a
 chunked prefill and prefix-cache hits see their earlier context.
 
-* Decode rows: one ``DecodeSelection`` for the layer's local heads (``build_layer_decode_selection``,
-  which also writes/reads the TidalDecode buffer) and one batched ``sparse_decode`` call.
-* Prefill rows: per request, one ``SparseIndex`` for all local heads
-  (``build_layer_prefill_index``; static groups come from the step cache, dynamic patterns
-  estimate from the chunk's queries and the request's keys) and one ``sparse_prefill_paged`` call.
-  On CPU, an index made of whole KV pages (dense, sinks + windows, a dense tail) runs on vLLM's
-  own fused CPU attention op instead (``cpu_ops``; several times faster than the torch kernel),
-  and so do decode batches whose every row is dense.
+The step plan (``metadata.HeadwiseMetadata``, built once per scheduler step) already holds every
+static index and every op schedule; per layer this module only
 
-The kernels come from ``headwise.kernels``' dispatch (Triton on CUDA, torch on CPU). They are
-looked up through this module's ``KERNELS`` table at call time so routing tests can swap in
-recording fakes.
+* runs the whole batch as one dense op call when the layer is dense for every row of the step
+  (the call stock vLLM makes: dense attention costs what it costs stock);
+* decode rows: dense layers straight to vLLM's op; otherwise one ``DecodeSelection`` for the
+  layer's local heads (``build_layer_decode_selection``, which also writes/reads the TidalDecode
+  buffer) and one batched decode call;
+* prefill rows: the step's static work for the layer's signature, or, for patterns that estimate
+  from q and k, the index built here from this layer's queries and the request's cached keys;
+  then vLLM's op over the cache pages (CPU) or the sparse prefill kernel.
+
+The kernels are looked up through this module's ``KERNELS`` table at call time so routing tests
+can swap in recording fakes (Triton on CUDA, torch on CPU, vLLM's op on CPU where it applies).
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from headwise import kernels
 from headwise.kernels.decode import selected_counts
-from headwise.kernels.index import DecodeMode, SparseIndex
+from headwise.kernels.index import DecodeMode
 from headwise.patterns.decode import build_layer_decode_selection, select_heads
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.patterns.ranges import fast_density
 
 from . import cpu_ops
-from .metadata import HeadwiseMetadata, PrefillRow
+from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
 from .stats import get_recorder
@@ -46,25 +47,8 @@ PREFILL, DECODE = 0, 1
 KERNELS: dict[str, Any] = {
     "sparse_prefill_paged": kernels.sparse_prefill_paged,
     "sparse_decode": kernels.sparse_decode,
-    "native_prefill": cpu_ops.run_calls,  # None: never use vLLM's CPU op
-    "native_decode": cpu_ops.decode_dense,
+    "native_batch": cpu_ops.run,  # vLLM's CPU op over the real cache; None: never use it
 }
-
-
-def _causal_pairs(q_offset: int, q_len: int) -> int:
-    """(query, key) pairs of dense causal attention for queries at ``q_offset .. q_offset+q_len-1``."""
-    return q_len * q_offset + q_len * (q_len + 1) // 2
-
-
-def _derived(cache: dict, kind: str, index: SparseIndex, make) -> Any:
-    """``make(index)`` once per step for a (possibly shared) index. The entry holds the index
-    itself: that keeps it alive for the step (so its ``id`` cannot be reused by another index) and
-    lets a lookup check it is the same object."""
-    slot = cache.get((kind, id(index)))
-    if slot is None or slot[0] is not index:
-        slot = (index, make(index))
-        cache[(kind, id(index))] = slot
-    return slot[1]
 
 
 class HeadwiseImpl(AttentionImpl):
@@ -123,11 +107,19 @@ class HeadwiseImpl(AttentionImpl):
         lb = self.layer or self.bind(layer.layer_name)
         md = attn_metadata
         started = time.perf_counter()
-        k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
-        if md.num_decodes:
-            self._decode(lb, md, query, kv_cache, k_cache, v_cache, output)
-        for row in md.prefill_rows:
-            self._prefill(lb, md, row, query, kv_cache, k_cache, v_cache, output)
+        native = KERNELS["native_batch"]
+        if (md.batch_dense is not None and native is not None and self._op_reads_cache(kv_cache)
+                and (lb.prefill_dense or all(r.dense for r in md.prefill_rows))
+                and (lb.decode_dense or md.decode_dense == md.num_decodes)):
+            # every row of this layer is dense in this step: the one call stock vLLM makes
+            n = md.num_actual_tokens
+            native(query[:n], kv_cache, md.batch_dense, self.scale, output[:n])
+        else:
+            k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
+            if md.num_decodes:
+                self._decode(lb, md, query, kv_cache, k_cache, v_cache, output)
+            for i, row in enumerate(md.prefill_rows):
+                self._prefill(lb, md, i, row, query, kv_cache, k_cache, v_cache, output)
         rec = get_recorder()
         if rec is not None:
             rec.add_call(lb.layer, time.perf_counter() - started)
@@ -135,16 +127,11 @@ class HeadwiseImpl(AttentionImpl):
 
     def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, kv_cache, k_cache, v_cache, output) -> None:
         q = query[md.decode_tokens]  # [Bd, Hq, D]
-        native = KERNELS["native_decode"]
-        if lb.decode_dense and native is not None and self._op_reads_cache(kv_cache):
-            # a dense layer needs no selection: straight to vLLM's op (the per-step host work of
-            # building one costs more than the op itself on CPU)
-            output[md.decode_tokens] = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
-                                              md.step_cache)
-            rec = get_recorder()
-            if rec is not None:
-                causal = int(md.decode_seq_lens.long().sum()) * len(lb.heads)
-                rec.add_keys(lb.layer, DECODE, causal, causal)
+        native = KERNELS["native_batch"]
+        op_ok = native is not None and md.decode_dense_op is not None and self._op_reads_cache(kv_cache)
+        if lb.decode_dense and op_ok:
+            # a dense layer needs no selection: straight to vLLM's op (stats: recorded by the builder)
+            output[md.decode_tokens] = native(q, kv_cache, md.decode_dense_op, self.scale)
             return
         settings = self.binding.settings
         sel = build_layer_decode_selection(
@@ -154,9 +141,8 @@ class HeadwiseImpl(AttentionImpl):
             tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
         if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
             sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
-        if (native is not None and self._op_reads_cache(kv_cache)
-                and bool((sel.mode == int(DecodeMode.DENSE)).all())):  # every row reads every token
-            out = native(q, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale, md.step_cache)
+        if op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all()):  # every row reads every token
+            out = native(q, kv_cache, md.decode_dense_op, self.scale)
         else:
             out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
                                            scale=self.scale)
@@ -171,44 +157,39 @@ class HeadwiseImpl(AttentionImpl):
             else:  # no host sync per layer on a GPU: folded in once per step
                 rec.add_keys_tensor(lb.layer, DECODE, kept, causal)
 
-    def _prefill(self, lb: LayerBinding, md: HeadwiseMetadata, row: PrefillRow, query, kv_cache, k_cache,
+    def _prefill(self, lb: LayerBinding, md: HeadwiseMetadata, i: int, row: PrefillRow, query, kv_cache, k_cache,
                  v_cache, output) -> None:
         q = query[row.start:row.end]  # [Tq, Hq, D]
         table_row = md.block_table[row.req]
-        k_full = None
-        if lb.prefill_dynamic and not row.dense:
-            k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]: estimation
-        settings = self.binding.settings
-        index = build_layer_prefill_index(
-            lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),
-            row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
-            num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below,
-            dense_tail=settings.dense_tail, scale=self.scale,
-            cache=md.step_cache)
-        out = self._native_prefill(md, q, kv_cache, table_row, row.seq_len, index)
-        if out is None:
-            out = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=self.scale)
-        output[row.start:row.end] = out
-        rec = get_recorder()
-        if rec is not None:
-            # static indices are shared by layers: compute each one's density once per step
-            dens = 1.0 if lb.prefill_dense or row.dense else _derived(md.step_cache, "density", index, fast_density)
-            causal = _causal_pairs(row.q_offset, row.q_len) * len(lb.heads)
-            rec.add_keys(lb.layer, PREFILL, round(dens * causal), causal)
+        work = md.static.get((lb.prefill_signature, i)) if lb.prefill_signature is not None else None
+        if work is None:  # some head estimates its index from this layer's q and k
+            k_full = None
+            if not row.dense:
+                k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]
+            settings = self.binding.settings
+            index = build_layer_prefill_index(
+                lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),
+                row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
+                num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below,
+                dense_tail=settings.dense_tail, scale=self.scale, cache=md.step_cache)
+            op = self._op_target(kv_cache) if KERNELS["native_batch"] is not None else None
+            work = prefill_work(index, table_row, row, len(lb.heads), op)
+            rec = get_recorder()
+            if rec is not None:
+                rec.add_keys(lb.layer, PREFILL, work.kept_pairs, work.causal_pairs)
+        native = KERNELS["native_batch"]
+        if work.schedule is not None and native is not None and self._op_reads_cache(kv_cache):
+            output[row.start:row.end] = native(q, kv_cache, work.schedule, self.scale)
+        else:
+            output[row.start:row.end] = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, work.index,
+                                                                       scale=self.scale)
+
+    def _op_target(self, kv_cache: torch.Tensor) -> OpTarget | None:
+        if not self._op_reads_cache(kv_cache):
+            return None
+        return OpTarget(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype)
 
     def _op_reads_cache(self, kv_cache: torch.Tensor) -> bool:
         if self._cache_ok is None:
-            self._cache_ok = cpu_ops.decode_available(kv_cache)
+            self._cache_ok = cpu_ops.cache_readable(kv_cache)
         return self._cache_ok
-
-    def _native_prefill(self, md: HeadwiseMetadata, q, kv_cache, table_row, seq_len: int,
-                        index: SparseIndex) -> torch.Tensor | None:
-        """The row on vLLM's CPU op when the index is made of whole pages; None otherwise."""
-        run = KERNELS["native_prefill"]
-        if run is None or q.device.type != "cpu" or not cpu_ops.available(q.dtype, q.shape[-1]):
-            return None
-        calls = _derived(md.step_cache, "native", index, lambda i: cpu_ops.plan_calls(i, self.num_kv_heads))
-        if calls is None:
-            return None
-        k, v = read_kv(kv_cache, table_row, seq_len)  # [S, Hkv, D] views of one copy
-        return run(q, k, v, calls, self.scale)

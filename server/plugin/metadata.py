@@ -9,8 +9,14 @@
   (``reorder_batch_threshold = 1``), but a one-token *prompt* chunk lands there too: it is told
   apart by ``is_prefilling`` (or, when vLLM does not give it, by an empty context);
 * per-request lengths, block-table rows and the dense-fallback decision (``dense_below``);
-* ``step_cache``, where layers sharing a static prefill pattern find the index built by the
-  first of them (built once per step, shared by layers);
+* the *static work* of the step: for every prefill row and every group of layers whose heads all
+  use position-only patterns (dense, A-shape, strided, MoA windows), the ``SparseIndex`` and, on
+  CPU, vLLM's op schedule over the real cache pages (``cpu_ops``), built here once and shared by
+  every layer of the group (``PrefillWork``, looked up by ``LayerBinding.prefill_signature``);
+* on CPU, one op schedule for the whole batch (``batch_dense``): a layer whose rows are all dense
+  in this step makes the very call stock vLLM makes; and one for the decode rows alone;
+* the stats of everything decided here (static layers' kept/causal pairs, request counts),
+  recorded once per step, not per layer;
 * the persistent TidalDecode buffer (allocated once per worker; select layers write it, later
   layers of the same step read it).
 
@@ -31,12 +37,17 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
+from headwise.kernels.index import SparseIndex
+from headwise.patterns.prefill import build_layer_prefill_index
+from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from .plan_binding import PlanBinding, worker_binding
+from . import cpu_ops
+from .plan_binding import LayerBinding, PlanBinding, worker_binding
 from .stats import StatsRecorder, init_recorder, stats_dir_from_env
 
 _LOG = init_logger("vllm.headwise")
+PREFILL, DECODE = 0, 1  # stats phases
 
 
 # ------------------------------------------------------------------------------- metadata
@@ -56,6 +67,43 @@ class PrefillRow:
     def q_len(self) -> int:
         return self.end - self.start
 
+    @property
+    def causal_pairs(self) -> int:
+        """(query, key) pairs of dense causal attention for this chunk, per head."""
+        return self.q_len * self.q_offset + self.q_len * (self.q_len + 1) // 2
+
+
+@dataclass
+class PrefillWork:
+    """A prefill row's index for one group of layers, and (on CPU) its op schedule over the cache."""
+
+    index: SparseIndex
+    schedule: cpu_ops.OpSchedule | None  # None: the torch kernel runs it
+    kept_pairs: int  # pairs attended over the local heads (page-rounded when the op runs it)
+    causal_pairs: int
+
+
+@dataclass(frozen=True)
+class OpTarget:
+    """What vLLM's CPU op needs to know of the cache it reads: page size, KV heads, head dim, dtype."""
+
+    page: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, num_heads: int,
+                 op: OpTarget | None) -> PrefillWork:
+    """An index's work: its op schedule over the request's pages ``block_row`` when the op reads the
+    cache (``op``; kept pairs page-rounded), else the torch kernel's (kept pairs exact)."""
+    causal = row.causal_pairs * num_heads
+    if op is not None and index.device.type == "cpu":
+        schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype)
+        return PrefillWork(index, schedule, schedule.kept_pairs, causal)
+    dens = 1.0 if row.dense else fast_density(index)
+    return PrefillWork(index, None, round(dens * causal), causal)
+
 
 @dataclass
 class HeadwiseMetadata:
@@ -72,7 +120,12 @@ class HeadwiseMetadata:
     decode_dense: int  # decode rows below dense_below (stats)
     prefill_rows: list[PrefillRow]
     tidal: TidalState | None = None
-    step_cache: dict = field(default_factory=dict)  # static prefill indices (and their densities)
+    # (prefill signature, row number) -> the row's work for every layer with that signature
+    static: dict[tuple, PrefillWork] = field(default_factory=dict)
+    batch_dense: cpu_ops.OpSchedule | None = None  # CPU: the whole batch, dense, as stock runs it
+    decode_dense_op: cpu_ops.OpSchedule | None = None  # CPU: the decode rows alone, dense
+    all_rows_dense: bool = False  # every prefill row below dense_below and every decode row too
+    step_cache: dict = field(default_factory=dict)  # per-step scratch shared by layers (dynamic work)
     step: int = 0
 
 
@@ -97,6 +150,21 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             rank=self.binding.tp_rank, tp_size=self.binding.tp_size, plan=self.binding.plan_path,
             device=str(torch.device(device).type))
         self._step = 0
+        self.device = torch.device(device)
+        self.dtype = kv_cache_spec.dtype
+        self.head_dim = kv_cache_spec.head_size
+        # vLLM's op reads the real cache (CPU, pages of a multiple of 32 tokens, a dtype it runs)
+        self.use_op = (self.device.type == "cpu" and self.block_size % 32 == 0
+                       and cpu_ops.available(self.dtype, self.head_dim))
+        self.op = OpTarget(self.block_size, self.binding.local_kv_heads, self.head_dim, self.dtype) \
+            if self.use_op else None
+        # one representative layer per prefill signature: static groups are built once per step
+        layers = [self.binding.for_layer(i) for i in range(self.binding.num_layers)]
+        self.groups: dict[tuple, list[LayerBinding]] = {}
+        for lb in layers:
+            if lb.prefill_signature is not None:
+                self.groups.setdefault(lb.prefill_signature, []).append(lb)
+        self.decode_dense_layers = sum(lb.decode_dense for lb in layers)
         _log_active(self.binding, self.block_size, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -141,6 +209,15 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             _LOG.debug("headwise: step %d: %d decode rows, prefill chunks (q_offset, q_len) %s", self._step + 1,
                        nd, [(r.q_offset, r.q_len) for r in rows])
         n_dense_pre = sum(r.dense for r in rows)
+        md_static = self._static_work(rows, block_table)
+        batch_dense = decode_op = None
+        if self.use_op:
+            h, hkv = self.binding.local_heads, self.binding.local_kv_heads
+            batch_dense = cpu_ops.plan_batch(qsl, cm.seq_lens[:b].cpu(), block_table, h, hkv, self.head_dim, self.dtype)
+            if nd:
+                decode_op = cpu_ops.plan_batch(torch.arange(nd + 1), d_seq.cpu(), d_table, h, hkv, self.head_dim,
+                                               self.dtype)
+        self._record_static(md_static, rows, d_seq if nd else None)
         self.recorder.add_step(
             prefill_tokens=sum(r.q_len for r in rows), decode_tokens=nd,
             prefill_sparse=len(rows) - n_dense_pre, prefill_dense=n_dense_pre,
@@ -151,7 +228,40 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             dense_below=self.dense_below, num_decodes=nd, decode_tokens=decode_tokens,
             decode_seq_lens=d_seq, decode_total_lens=d_seq + self.planned_generation,
             decode_block_table=d_table, decode_dense=decode_dense, prefill_rows=rows,
-            tidal=self.tidal, step=self._step)
+            tidal=self.tidal, static=md_static, batch_dense=batch_dense, decode_dense_op=decode_op,
+            all_rows_dense=all(r.dense for r in rows) and decode_dense == nd, step=self._step)
+
+    # ------------------------------------------------------------------ static work
+    def _static_work(self, rows: list[PrefillRow], block_table: torch.Tensor) -> dict[tuple, PrefillWork]:
+        """Index (and op schedule) of every prefill row for every static layer group: once per step."""
+        settings = self.binding.settings
+        work: dict[tuple, PrefillWork] = {}
+        cache: dict = {}  # layers of different groups may still share a family's index
+        for sig, group in self.groups.items():
+            lb = group[0]
+            for i, row in enumerate(rows):
+                index = build_layer_prefill_index(
+                    lb.prefill_specs, lb.heads, lb.num_layer_heads, None, None, lb.kv_heads, row.q_offset,
+                    row.total_len, settings.block_size, q_len=row.q_len, num_layer_kv_heads=lb.num_layer_kv_heads,
+                    dense_below=self.dense_below, dense_tail=settings.dense_tail, cache=cache)
+                work[(sig, i)] = prefill_work(index, block_table[row.req], row, len(lb.heads), self.op)
+        return work
+
+    def _record_static(self, work: dict[tuple, PrefillWork], rows: list[PrefillRow], d_seq) -> None:
+        """Kept/causal pairs of the static prefill layers and dense decode layers, once per step."""
+        rec = self.recorder
+        for sig, group in self.groups.items():
+            kept = sum(work[(sig, i)].kept_pairs for i in range(len(rows)))
+            causal = sum(work[(sig, i)].causal_pairs for i in range(len(rows)))
+            if causal:
+                for lb in group:
+                    rec.add_keys(lb.layer, PREFILL, kept, causal)
+        if d_seq is not None and self.decode_dense_layers:
+            causal = int(d_seq.long().sum()) * self.binding.local_heads
+            for i in range(self.binding.num_layers):
+                lb = self.binding.for_layer(i)
+                if lb.decode_dense:
+                    rec.add_keys(lb.layer, DECODE, causal, causal)
 
 
 def _log_active(binding: PlanBinding, block_size: int, device) -> None:

@@ -134,6 +134,14 @@ class LayerBinding:
         return any(not is_static(s) for s in self.prefill_specs)
 
     @cached_property
+    def prefill_signature(self) -> tuple | None:
+        """The layer's specs when every head's prefill index depends on positions only (layers with
+        equal signatures share one index per row, built once per step), else None."""
+        if not all(is_static(s) for s in self.prefill_specs):
+            return None
+        return tuple(self.prefill_specs)
+
+    @cached_property
     def decode_dense(self) -> bool:
         return all(s.type == "dense" for s in self.decode_specs)
 
