@@ -11,8 +11,8 @@ Prefill rows (one whole prompt of ``t`` tokens):
 * ``a_shape 64/257 + tail 64``: the default plan's layer (``sparse.json``), torch vs the op;
 * ``a_shape 64/513 + tail 64``: a wider window, the op only.
 
-The op's times include packing K/V into its scratch pages (the engine does it per layer), not
-planning the virtual requests (done once per step and shared by the layers). Decode: one query per head over ``t`` cached tokens in the paged cache, the torch
+The op reads a paged cache of 32-token pages (the engine's kernel page) through virtual block
+tables; the times leave out planning the virtual requests (done once per step, shared by layers). Decode: one query per head over ``t`` cached tokens in the paged cache, the torch
 decode (dense selection) vs the op reading the cache directly.
 
 Medians of ``--repeats`` interleaved runs (see ``cpu_attention.py``); JSON to
@@ -36,7 +36,7 @@ from headwise.kernels.index import DecodeMode, DecodeSelection  # noqa: E402
 from headwise.patterns.a_shape import sink_window_index  # noqa: E402
 from headwise.patterns.prefill import with_dense_tail  # noqa: E402
 from headwise.patterns.ranges import fast_density  # noqa: E402
-from headwise.server import cpu_ops  # noqa: E402
+from headwise.server.plugin import cpu_ops  # noqa: E402
 from headwise.server.plugin.kv_cache import split_kv, write_kv  # noqa: E402
 
 HQ, HKV, D, BM, BLOCK = 9, 3, 64, 64, 128
@@ -48,15 +48,26 @@ def a_shape_tail(t: int, sink: int, window: int, tail: int) -> SparseIndex:
     return with_dense_tail(sink_window_index(full(sink), full(window), t, 0, BM), tail)
 
 
+def paged(k: torch.Tensor, v: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v [S, Hkv, D]`` written into a paged cache of ``page``-token blocks (scattered row)."""
+    t = k.shape[0]
+    nb = -(-t // page)
+    row = torch.randperm(nb, generator=torch.Generator().manual_seed(t)).to(torch.int32)
+    kv = torch.zeros(nb, HKV, page, 2 * D, dtype=k.dtype)
+    write_kv(k, v, kv, (row.long().repeat_interleave(page) * page + torch.arange(page).repeat(nb))[:t])
+    return kv, row
+
+
 def prefill_rows(t: int, repeats: int) -> list[dict]:
     q, k, v = qkv(t, seed=t)
+    kv, row = paged(k, v, 32)
     indices = {"dense": SparseIndex.dense(HQ, t), "a_shape 64/257 + tail 64": a_shape_tail(t, 64, 257, 64),
                "a_shape 64/513 + tail 64": a_shape_tail(t, 64, 513, 64)}
-    calls = {name: cpu_ops.plan_calls(index, HKV) for name, index in indices.items()}
+    calls = {name: cpu_ops.plan_prefill(index, row, 32, HKV, D, q.dtype) for name, index in indices.items()}
     fns = {"dense torch": lambda: sparse_prefill_torch(q, k, v, indices["dense"], SCALE),
            "a_shape 64/257 + tail 64 torch": lambda: sparse_prefill_torch(q, k, v, indices["a_shape 64/257 + tail 64"], SCALE)}
     for name in indices:
-        fns[f"{name} op"] = lambda c=calls[name]: cpu_ops.run_calls(q, k, v, c, SCALE)
+        fns[f"{name} op"] = lambda c=calls[name]: cpu_ops.run(q, kv, c, SCALE)
     res = interleaved(fns, repeats)
     base = res["dense torch"]["wall_s"]
     rows = []
@@ -98,7 +109,7 @@ def main() -> None:
     if not cpu_ops.available(torch.bfloat16, D):
         print("vLLM's CPU attention op is not available here (a CPU build of vLLM is needed)", file=sys.stderr)
         sys.exit(0)
-    info = machine_info(prefill_isa=cpu_ops._isa(torch.bfloat16, D), cache_isa=cpu_ops.CACHE_ISA,
+    info = machine_info(prefill_isa=cpu_ops.CACHE_ISA, cache_isa=cpu_ops.CACHE_ISA,
                         repeats=args.repeats)
     print(f"# {info['cpu']}, {info['threads']} threads, prefill ISA {info['prefill_isa']}, "
           f"load {info['loadavg_start'][0]:.1f}", flush=True)

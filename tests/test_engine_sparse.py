@@ -1,7 +1,7 @@
 """Sparse plans in a real vLLM CPU engine: accuracy with the shipped plan, chunking with a static one.
 
 * The shipped mixed plan (vertical-slash + A-shape prefill, TidalDecode) answers ~2K-token passkey
-  prompts that stock attention answers, at an achieved prefill density of at most 30%.
+  prompts that stock attention answers, at an achieved (page-rounded) prefill density of at most 40%.
 * A static plan (S2 strides + A-shape, TidalDecode) gives the same greedy output prefilled whole
   (``max_num_batched_tokens`` 4096) and in 256-token chunks. One request at a time, so every chunk
   starts on a 64-query block boundary: the index blocks of both runs are then the same blocks.

