@@ -113,6 +113,17 @@ async def get_stats():
 
 # ------------------------------------------------------------------------ wiring into vLLM
 _collector_registered = False
+# Set when the app's lifespan shutdown began while vLLM's engine was already dead (vLLM's watchdog
+# stops the HTTP server then); ``serve.run_launch`` turns it into a non-zero exit with this reason.
+engine_failure: str | None = None
+
+
+def _note_engine_state(app) -> None:
+    global engine_failure
+    engine = getattr(getattr(app, "state", None), "engine_client", None)
+    if engine is not None and getattr(engine, "errored", False):
+        engine_failure = ("vLLM's engine core died (its process exited or failed); the API server stopped "
+                          "because it can no longer serve. The engine's own log lines above say why")
 
 
 def register_collector() -> None:
@@ -207,4 +218,10 @@ class HeadwiseRoutes:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-        await self.app(scope, receive, watch_startup)
+        async def watch_shutdown():
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown" and fastapi_app is not None:
+                _note_engine_state(fastapi_app)  # before vLLM closes the engine client on purpose
+            return message
+
+        await self.app(scope, watch_shutdown, watch_startup)

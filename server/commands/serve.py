@@ -28,6 +28,7 @@ from pathlib import Path
 
 from headwise.server import env
 
+from .cpu_defaults import serve_defaults
 from .model import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
 # The plan `headwise serve` uses for the embedded model when no --plan is given (the patterns
@@ -244,9 +245,14 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
     if on_cpu and not _compilation_chosen(user, extra):
         argv += ["--enforce-eager"]
         defaults.append("--enforce-eager on CPU (pass -O1 or --no-enforce-eager to compile)")
+    child_env: dict[str, str] = {}
+    if on_cpu:  # the same for stock and headwise: a comparison differs in attention only
+        cpu_argv, cpu_env, cpu_notes = serve_defaults(user)
+        argv += cpu_argv
+        child_env.update(cpu_env)
+        defaults += cpu_notes
     argv += extra
 
-    child_env: dict[str, str] = {}
     owned = None
     plan_path = None
     if headwise:
@@ -290,8 +296,18 @@ def _cli_env_setup() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
-def run_launch(launch: Launch) -> int:
-    """Run vLLM's serve subcommand for ``launch`` in this process; returns the exit status."""
+def run_launch(launch: Launch, report=None) -> int:
+    """Run vLLM's serve subcommand for ``launch`` in this process; returns the exit status.
+
+    ``report(reason)``, if given, also receives the one-line reason of a failure (the supervisor
+    repeats it as its own last line).
+    """
+    def fail(reason: str) -> int:
+        print(f"headwise serve: {reason}", file=sys.stderr, flush=True)
+        if report is not None:
+            report(reason)
+        return 1
+
     os.environ.update(launch.env)
     for key in launch.unset:
         os.environ.pop(key, None)
@@ -309,12 +325,14 @@ def run_launch(launch: Launch) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the reason goes last on stderr, after vLLM's own traceback/log
-        print(f"headwise serve: the server failed to start or stopped with an error: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return fail(f"the server failed to start or stopped with an error: {type(exc).__name__}: {exc}")
     finally:
         if launch.owned_stats_dir:
             shutil.rmtree(launch.owned_stats_dir, ignore_errors=True)
+    from . import routes  # the middleware ran in this process: did the engine die under it?
+
+    if routes.engine_failure:
+        return fail(routes.engine_failure)
     return 0
 
 
@@ -359,4 +377,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     attention = f"headwise attention (plan {launch.plan})" if launch.plan else "stock vLLM attention"
     say(f"serving {launch.model} with {attention}"
          + (f"; defaults: {', '.join(launch.defaults)}" if launch.defaults else ""))
-    return run_launch(launch)
+    from .supervise import supervise
+
+    return supervise(launch)  # the API server runs in a child; this process makes sure nothing stays

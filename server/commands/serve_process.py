@@ -1,9 +1,11 @@
 """``headwise serve`` as a child process: start it, wait until it answers, stop all of it.
 
 Used by ``headwise loadtest`` (when no ``--host`` is given), by the tests and by benchmarks. A
-vLLM server is several processes (API server, engine core, workers); the child is started in its
-own process group (session) so that stopping it stops every one of them: SIGTERM to the group
-first (vLLM shuts down cleanly), SIGKILL to the group if anything is left after a grace period.
+vLLM server is several processes: ``headwise serve`` (the supervisor, see ``supervise.py``), the
+API server in a process group of its own, the engine core and workers. The child is started in a
+session of its own, so every one of them can be found by session id: stopping it sends SIGTERM
+to ``headwise serve`` first (it forwards it; vLLM shuts down cleanly), then SIGKILL to every
+process of the session still there after a grace period.
 """
 
 from __future__ import annotations
@@ -31,18 +33,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def live_group_members(pgid: int) -> list[int]:
-    """PIDs in process group ``pgid`` that are not zombies (an exited child that the init process
-    has not reaped yet still answers ``killpg(pgid, 0)`` but holds no memory and runs nothing)."""
+    """PIDs in process group ``pgid`` *or session* ``pgid`` that are not zombies.
+
+    A process started with ``start_new_session`` leads a session and a group of the same id;
+    ``headwise serve`` puts the API server in a group of its own inside that session, so the
+    session is what holds all of a server. (An exited child that nobody has reaped yet still
+    answers ``killpg(pgid, 0)`` but holds no memory and runs nothing: zombies do not count.)
+    """
     import psutil
 
     members = []
     for p in psutil.process_iter(["status"]):
         try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if pgid in (os.getpgid(p.pid), os.getsid(p.pid)) and p.info["status"] != psutil.STATUS_ZOMBIE:
                 members.append(p.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             continue
     return members
+
+
+def kill_members(pgid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every live process of group or session ``pgid`` (see ``live_group_members``)."""
+    for pid in live_group_members(pgid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            continue
 
 
 class ServerProcess:
@@ -113,12 +129,13 @@ class ServerProcess:
         return self.proc is not None and bool(live_group_members(self.proc.pid))
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace_s``."""
+        """SIGTERM ``headwise serve`` (it stops the rest), then SIGKILL whatever of the session is left
+        after ``grace_s``."""
         if self.proc is None:
             return
-        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        sid = self.proc.pid  # start_new_session: the child leads its own session and group
         try:
-            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(sid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + grace_s
@@ -126,10 +143,7 @@ class ServerProcess:
             self.proc.poll()  # reap the leader so the group can empty
             time.sleep(0.2)
         if self.group_alive():
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_members(sid)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
