@@ -62,13 +62,11 @@ def cache_readable(kv_cache: torch.Tensor) -> bool:
 decode_available = cache_readable  # the name the KV writer and older callers use
 
 
-def _pages(kv_cache: torch.Tensor, kv_head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V page views ``[num_blocks, Hkv (or 1), block_size, D]`` in the op's layout (no copy)."""
+def page_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V page views ``[num_blocks, Hkv, block_size, D]`` in the op's layout (no copy)."""
     nb, hkv, bs, d2 = kv_cache.shape
     k_pages, v_pages = kv_cache.view(nb, hkv, 2 * bs, d2 // 2).chunk(2, dim=2)
-    if kv_head is None:
-        return k_pages, v_pages
-    return k_pages[:, kv_head:kv_head + 1], v_pages[:, kv_head:kv_head + 1]  # the op honours strides
+    return k_pages, v_pages
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -219,15 +217,19 @@ def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_
 
 
 # ------------------------------------------------------------------------------ the run
-def run(q: torch.Tensor, kv_cache: torch.Tensor, schedule: OpSchedule, scale: float,
-        out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``q [T, Hq, D]`` (the schedule's query rows, in order) over the real cache."""
+def run(q: torch.Tensor, cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], schedule: OpSchedule,
+        scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q [T, Hq, D]`` (the schedule's query rows, in order) over the real cache:
+    the layer's cache tensor, or its ``page_views`` (made once per layer by the impl)."""
     from vllm import _custom_ops as ops
 
+    k_all, v_all = page_views(cache) if isinstance(cache, torch.Tensor) else cache
     if out is None:
         out = torch.empty_like(q)
     for call in schedule.calls:
-        k_pages, v_pages = _pages(kv_cache, call.kv_head)
+        g = call.kv_head
+        # one KV head: a strided view of the pages (the op honours strides)
+        k_pages, v_pages = (k_all, v_all) if g is None else (k_all[:, g:g + 1], v_all[:, g:g + 1])
         qh = q if call.heads is None else q[:, call.heads]
         qh = qh if qh.is_contiguous() else qh.contiguous()
         oh = out if call.heads is None and out.is_contiguous() else torch.empty_like(qh)
@@ -258,7 +260,12 @@ def decode_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
 
 def write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """vLLM's own writer for the real cache (the layout ``kv_cache.split_kv`` reads; one fused call)."""
+    write_pages(key, value, *page_views(kv_cache), slots)
+
+
+def write_pages(key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """``write`` into page views the caller keeps (the per-layer hot path); slot -1 is skipped."""
     from vllm import _custom_ops as ops
 
-    k_pages, v_pages = _pages(kv_cache)
     ops.cpu_attn_reshape_and_cache(key, value, k_pages, v_pages, slots, CACHE_ISA)

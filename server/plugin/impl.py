@@ -83,11 +83,17 @@ class HeadwiseImpl(AttentionImpl):
         self.binding.check_local(num_heads, self.num_kv_heads, head_size)
         self.layer: LayerBinding | None = None
         self._cache_ok: bool | None = None  # vLLM's CPU op can read this layer's cache (fixed per layer)
+        self._views: tuple | None = None  # (cache, K pages, V pages) for vLLM's op
 
     # ------------------------------------------------------------------ KV cache
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
         # key, value: [T, Hkv, D]; kv_cache: [num_blocks, Hkv, block_size, 2D]
+        if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
+            n = min(key.shape[0], slot_mapping.shape[0])
+            k_pages, v_pages = self._page_views(kv_cache)
+            cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n])
+            return
         write_kv(key, value, kv_cache, slot_mapping)
 
     # ------------------------------------------------------------------ forward
@@ -113,7 +119,7 @@ class HeadwiseImpl(AttentionImpl):
                 and (lb.decode_dense or md.decode_dense == md.num_decodes)):
             # every row of this layer is dense in this step: the one call stock vLLM makes
             n = md.num_actual_tokens
-            native(query[:n], kv_cache, md.batch_dense, self.scale, output[:n])
+            native(query[:n], self._page_views(kv_cache), md.batch_dense, self.scale, output[:n])
         else:
             k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
             if md.num_decodes:
@@ -131,7 +137,7 @@ class HeadwiseImpl(AttentionImpl):
         op_ok = native is not None and md.decode_dense_op is not None and self._op_reads_cache(kv_cache)
         if lb.decode_dense and op_ok:
             # a dense layer needs no selection: straight to vLLM's op (stats: recorded by the builder)
-            output[md.decode_tokens] = native(q, kv_cache, md.decode_dense_op, self.scale)
+            output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
             return
         settings = self.binding.settings
         sel = build_layer_decode_selection(
@@ -142,7 +148,7 @@ class HeadwiseImpl(AttentionImpl):
         if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
             sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
         if op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all()):  # every row reads every token
-            out = native(q, kv_cache, md.decode_dense_op, self.scale)
+            out = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
         else:
             out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
                                            scale=self.scale)
@@ -179,10 +185,17 @@ class HeadwiseImpl(AttentionImpl):
                 rec.add_keys(lb.layer, PREFILL, work.kept_pairs, work.causal_pairs)
         native = KERNELS["native_batch"]
         if work.schedule is not None and native is not None and self._op_reads_cache(kv_cache):
-            output[row.start:row.end] = native(q, kv_cache, work.schedule, self.scale)
+            output[row.start:row.end] = native(q, self._page_views(kv_cache), work.schedule, self.scale)
         else:
             output[row.start:row.end] = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, work.index,
                                                                        scale=self.scale)
+
+    def _page_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op's K/V page views of this layer's cache, made once (the cache tensor is persistent)."""
+        views = self._views
+        if views is None or views[0] is not kv_cache:
+            views = self._views = (kv_cache, *cpu_ops.page_views(kv_cache))
+        return views[1], views[2]
 
     def _op_target(self, kv_cache: torch.Tensor) -> OpTarget | None:
         if not self._op_reads_cache(kv_cache):

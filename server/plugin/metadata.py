@@ -214,7 +214,9 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         if self.use_op:
             h, hkv = self.binding.local_heads, self.binding.local_kv_heads
             batch_dense = cpu_ops.plan_batch(qsl, cm.seq_lens[:b].cpu(), block_table, h, hkv, self.head_dim, self.dtype)
-            if nd:
+            if nd and not rows:  # a decode-only step: the batch is the decode rows
+                decode_op = batch_dense
+            elif nd:
                 decode_op = cpu_ops.plan_batch(torch.arange(nd + 1), d_seq.cpu(), d_table, h, hkv, self.head_dim,
                                                self.dtype)
         self._record_static(md_static, rows, d_seq if nd else None)
