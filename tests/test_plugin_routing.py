@@ -339,3 +339,26 @@ def test_per_layer_indices_of_different_prompts_never_mix(tmp_path, monkeypatch)
         rec = stats.get_recorder()
         assert rec.kept[layer][0] == sum(int(m.sum()) for _, m in masks)
         assert rec.causal[layer][0] == sum(int(step.causal(i).sum()) for i in range(len(step.reqs)))
+
+
+@pytest.mark.skipif(not cpu_ops.available(torch.float32, D), reason="vLLM's CPU attention op is not here")
+def test_dense_and_page_shaped_rows_copy_nothing_out_of_the_cache(tmp_path, fakes, monkeypatch):
+    """Dense rows, dense layers and static sparse rows read the paged cache in place: the impl never
+    gathers a request's K/V (``read_kv``), and no torch kernel runs."""
+    import plugin_batches
+
+    monkeypatch.setattr(plugin_batches, "BS", 32)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a full-sequence K/V copy was made")
+
+    monkeypatch.setattr(impl_mod, "read_kv", no_copy)
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", cpu_ops.run)
+    plan = make_plan({"type": "a_shape", "sink": 32, "window": 100}, DENSE, dense_below=64,
+                     layers={"0": {"prefill": DENSE}})
+    builder, impls = make_backend(plan, tmp_path)
+    step = Step(MIXED + [Req(0, 300, True)], seed=12)
+    md = builder.build(0, step.common)
+    for layer in (0, 1):  # a dense layer, then a sparse one whose long row is rounded to pages
+        run_layer(impls[layer], layer, step, md, step.query(layer), write=layer == 0)
+    assert not fakes.calls
