@@ -33,10 +33,9 @@ import requests
 from locust import HttpUser, between, events, task
 from locust.exception import StopUser
 
-from headwise.loadtests.mix import LengthSchedule, parse_length_mix
+from headwise.loadtests.mix import PROMPTS_PER_LENGTH, LengthSchedule, RemoteTokenizer, parse_length_mix
 from headwise.server.commands.tasks import passkey
 
-PROMPTS_PER_LENGTH = 8  # distinct needles and depths per length; requests cycle through them
 TEMPLATE_MARGIN = 64  # tokens the chat template and the unique first line may add to a prompt
 
 
@@ -53,20 +52,6 @@ def _options(parser) -> None:
                         help="append one JSON line per request to this file")
     parser.add_argument("--allow-eos", action="store_true", default=False,
                         help="let requests stop at end of sequence (default: always generate --max-tokens)")
-
-
-class RemoteTokenizer:
-    """The ``encode`` that ``headwise.server.commands.tasks`` needs, answered by the server's ``/tokenize``."""
-
-    def __init__(self, host: str, model: str, headers: dict):
-        self.url, self.model, self.headers = f"{host}/tokenize", model, headers
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        r = requests.post(self.url, json={"model": self.model, "prompt": text,
-                                          "add_special_tokens": add_special_tokens},
-                          headers=self.headers, timeout=60)
-        r.raise_for_status()
-        return r.json()["tokens"]
 
 
 class _Shared:
@@ -180,7 +165,8 @@ class LongPromptChatUser(HttpUser):
         sample = {"time": time.time(), "model": _Shared.model, "target_tokens": length,
                   "ok": not error, "error": error, "e2e_ms": e2e_ms, "prompt_tokens": usage.get("prompt_tokens"),
                   "completion_tokens": usage.get("completion_tokens"), "ttft_ms": None, "itl_ms": None,
-                  "chunks": len(arrivals), "correct": item.grade("".join(text)) if not error else None}
+                  "chunks": len(arrivals), "correct": item.grade("".join(text)) if not error else None,
+                  "answer": item.answer}  # which prompt it was (the soak compares it with an unloaded run)
         if not error:
             sample["ttft_ms"] = (arrivals[0] - started) * 1000
             fire = self.environment.events.request.fire

@@ -1,10 +1,13 @@
-"""The prompt-length mix of a load test: parsing ``TOKENS:WEIGHT,...`` and a deterministic schedule.
+"""The prompt pool of a load test: the length mix ``TOKENS:WEIGHT,...``, a deterministic schedule,
+and the tokenizer that sizes prompts through the server's ``/tokenize``.
 
 Kept apart from the locustfile, which imports locust (and with it gevent's monkey-patching) at
 import time: the runner checks a mix without importing that.
 """
 
 from __future__ import annotations
+
+PROMPTS_PER_LENGTH = 8  # distinct needles and depths per length; requests cycle through them
 
 
 def parse_length_mix(text: str) -> list[tuple[int, float]]:
@@ -44,3 +47,19 @@ class LengthSchedule:
         i = max(range(len(self.credit)), key=self.credit.__getitem__)
         self.credit[i] -= 1.0
         return self.lengths[i]
+
+
+class RemoteTokenizer:
+    """The ``encode`` that ``headwise.server.commands.tasks`` needs, answered by the server's ``/tokenize``."""
+
+    def __init__(self, host: str, model: str, headers: dict):
+        self.url, self.model, self.headers = f"{host}/tokenize", model, headers
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        import requests
+
+        r = requests.post(self.url, json={"model": self.model, "prompt": text,
+                                          "add_special_tokens": add_special_tokens},
+                          headers=self.headers, timeout=60)
+        r.raise_for_status()
+        return r.json()["tokens"]

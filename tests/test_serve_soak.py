@@ -1,0 +1,26 @@
+"""The soak scenario, short: 8 users for 2 minutes of 1K/4K/7K prompts on a 200 MB KV cache.
+
+The full run (16 users, 10 minutes) is ``python -m headwise.loadtests.soak``; its results file is
+committed under ``loadtests/results/``. Here the same scenario must meet the same goals: no failed
+request, passkey accuracy under load equal to the unloaded run's over the same prompts, vLLM
+preempted (the pressure was real), KV usage back to 0, resident memory growth <= 5%, no process left.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headwise.loadtests.soak import run_soak
+
+pytestmark = pytest.mark.server
+
+
+def test_short_soak_under_memory_pressure_meets_the_goals(tmp_path):
+    result = run_soak(users=8, duration_s=120, out=tmp_path)
+    shown = {k: v for k, v in result.items() if k != "samples"}
+    assert result["passed"], json.dumps(shown, indent=1)
+    assert (tmp_path / "soak.png").stat().st_size > 10_000
+    assert len(result["samples"]) >= 120 / 5 - 2  # the sampler ran through the whole load
+    print(json.dumps({k: shown[k] for k in ("requests", "preemptions", "passkey", "rss_bytes")}, indent=1))
