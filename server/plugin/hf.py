@@ -16,7 +16,8 @@ which hands the layer to the ``HeadwiseRuntime`` that ``attach_plan`` bound to t
   ``block_table[b] = [b]``; TidalDecode's ``select`` layers write a ``TidalState`` that the
   ``reuse`` layers after them read within the same forward.
 
-Same plan, same builders, same kernels as the vLLM backend. Batches may be left-padded: each row
+Same plan, same layer runner (``runner.py``: index and selection building, kernel launch, kept-pair
+counting) as the vLLM backend. Batches may be left-padded: each row
 is cut (prefill) or shifted (decode) so that its first real token sits at position 0, which is
 also what the RoPE positions of ``generate`` assume. Right padding is refused with a message.
 A ``capture`` hook gives the profiler every layer's q/k while attention runs densely.
@@ -29,13 +30,13 @@ from typing import Any, Callable
 
 import torch
 
-from headwise.kernels import sparse_decode, sparse_prefill
 from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
-from headwise.patterns.decode import build_layer_decode_selection
 from headwise.patterns.plan import Plan, load_plan
-from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
+
+from . import runner
+from .plan_binding import PlanBinding
 
 ATTN_NAME = "headwise"
 # capture(layer, q [S, Hq, D], k [S, Hkv, D]) for one request's whole prompt (after RoPE)
@@ -49,6 +50,8 @@ class HeadwiseRuntime:
                  capture: CaptureFn | None = None):
         self.plan = plan
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        # the plan as one (unsharded) worker sees it: the same layer bindings the vLLM impl runs
+        self.binding = PlanBinding(plan) if plan is not None else None
         self.capture = capture
         self.tidal: TidalState | None = None
         self._static_cache: dict = {}  # static indices shared by the layers of one forward
@@ -82,16 +85,12 @@ class HeadwiseRuntime:
             index = SparseIndex.dense(self.num_heads, tq, s - tq, device=q.device)
         else:
             st = self.plan.settings
-            heads = list(range(self.num_heads))
-            index = build_layer_prefill_index(
-                self.plan.layer_prefill(layer), heads, self.num_heads, q, k,
-                self._kv_heads(q.device), s - tq, s + st.planned_generation, st.block_size,
-                num_layer_kv_heads=self.num_kv_heads, dense_below=st.dense_below, dense_tail=st.dense_tail, scale=scale,
-                cache=self._static_cache)
+            index = runner.prefill_index(self.binding.for_layer(layer), st, q, k, s - tq, s + st.planned_generation,
+                                         scale, cache=self._static_cache)
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal
         self.kept["prefill"] += fast_density(index) * causal
-        return sparse_prefill(q, k, v, index, scale)
+        return runner.run_prefill(q, k, v, index, scale)
 
     # ----------------------------------------------------------------- decode
     def decode(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -108,16 +107,15 @@ class HeadwiseRuntime:
             width = self.plan.max_tidal_top_k()
             if width and (self.tidal is None or self.tidal.max_batch < b or self.tidal.positions.device != q.device):
                 self.tidal = TidalState(b, self.num_heads, width, device=q.device)
-            selection = build_layer_decode_selection(
-                self.plan.layer_decode(layer), list(range(self.num_heads)), self.num_heads, q, k_cache, block_table,
-                # total length = current length + planned generation, as the vLLM backend computes it
-                seq_lens, seq_lens + st.planned_generation, self._kv_heads(q.device),
-                scale=scale, num_layer_kv_heads=self.num_kv_heads, tidal_state=self.tidal,
-                tidal_top_k=st.tidal_top_k, dense_below=st.dense_below)
+            # total length = current length + planned generation, as the vLLM backend computes it
+            selection = runner.decode_selection(self.binding.for_layer(layer), st, q, k_cache, block_table, seq_lens,
+                                                seq_lens + st.planned_generation, scale, self.tidal)
         self.causal["decode"] += float(seq_lens.sum()) * self.num_heads
-        per_row = selection.tokens_selected(seq_lens).sum(-1).double()  # [B]
-        self.kept["decode"] += float(per_row.sum()) * (self.num_heads // selection.num_heads)
-        return sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selection, scale)
+        if self.binding is None:
+            self.kept["decode"] += float(seq_lens.sum()) * self.num_heads
+        else:
+            self.kept["decode"] += float(runner.decode_kept(self.binding.for_layer(layer), selection, seq_lens))
+        return runner.run_decode(q, k_cache, v_cache, block_table, seq_lens, selection, scale)
 
 
 # --------------------------------------------------------------------- padding

@@ -24,18 +24,13 @@ can swap in recording fakes (Triton on CUDA, torch on CPU, vLLM's op on CPU wher
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from headwise import kernels
-from headwise.kernels.decode import selected_counts
 from headwise.kernels.index import DecodeMode
-from headwise.patterns.decode import build_layer_decode_selection, select_heads
-from headwise.patterns.prefill import build_layer_prefill_index
 
-from . import cpu_ops
+from . import cpu_ops, runner
 from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
@@ -43,12 +38,7 @@ from .stats import get_recorder
 
 PREFILL, DECODE = 0, 1
 
-# name -> callable; looked up per call (tests replace entries to record the routing)
-KERNELS: dict[str, Any] = {
-    "sparse_prefill_paged": kernels.sparse_prefill_paged,
-    "sparse_decode": kernels.sparse_decode,
-    "native_batch": cpu_ops.run,  # vLLM's CPU op over the real cache; None: never use it
-}
+KERNELS = runner.KERNELS  # the runner's table (tests replace entries to record the routing)
 
 
 class HeadwiseImpl(AttentionImpl):
@@ -139,24 +129,16 @@ class HeadwiseImpl(AttentionImpl):
             # a dense layer needs no selection: straight to vLLM's op (stats: recorded by the builder)
             output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
             return
-        settings = self.binding.settings
-        sel = build_layer_decode_selection(
-            lb.decode_specs, lb.heads, lb.num_layer_heads, q, k_cache, md.decode_block_table,
-            md.decode_seq_lens, md.decode_total_lens, lb.kv_heads.to(q.device), scale=self.scale,
-            num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=md.tidal,
-            tidal_top_k=settings.tidal_top_k, dense_below=md.dense_below)
-        if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
-            sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
+        sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,
+                                      md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal)
         if op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all()):  # every row reads every token
             out = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
         else:
-            out = KERNELS["sparse_decode"](q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
-                                           scale=self.scale)
+            out = runner.run_decode(q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel, self.scale)
         output[md.decode_tokens] = out
         rec = get_recorder()
         if rec is not None:
-            kept = selected_counts(sel, md.decode_seq_lens).sum()
-            kept = kept * (len(lb.heads) // sel.num_heads)  # a shared row serves its whole group
+            kept = runner.decode_kept(lb, sel, md.decode_seq_lens)
             causal = md.decode_seq_lens.long().sum() * len(lb.heads)
             if q.device.type == "cpu":
                 rec.add_keys(lb.layer, DECODE, int(kept), int(causal))
@@ -172,12 +154,8 @@ class HeadwiseImpl(AttentionImpl):
             k_full = None
             if not row.dense:
                 k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]
-            settings = self.binding.settings
-            index = build_layer_prefill_index(
-                lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k_full, lb.kv_heads.to(q.device),
-                row.q_offset, row.total_len, settings.block_size, q_len=row.q_len,
-                num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=md.dense_below,
-                dense_tail=settings.dense_tail, scale=self.scale, cache=md.step_cache)
+            index = runner.prefill_index(lb, self.binding.settings, q, k_full, row.q_offset, row.total_len,
+                                         self.scale, cache=md.step_cache)
             op = self._op_target(kv_cache) if KERNELS["native_batch"] is not None else None
             work = prefill_work(index, table_row, row, len(lb.heads), op)
             rec = get_recorder()
@@ -187,8 +165,8 @@ class HeadwiseImpl(AttentionImpl):
         if work.schedule is not None and native is not None and self._op_reads_cache(kv_cache):
             output[row.start:row.end] = native(q, self._page_views(kv_cache), work.schedule, self.scale)
         else:
-            output[row.start:row.end] = KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, work.index,
-                                                                       scale=self.scale)
+            output[row.start:row.end] = runner.run_prefill_paged(q, k_cache, v_cache, table_row, work.index,
+                                                                 self.scale)
 
     def _page_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The op's K/V page views of this layer's cache, made once (the cache tensor is persistent)."""
