@@ -11,12 +11,13 @@ differs in the attention backend only.
   (``bench/serve_cpu.py --quick``, with and without ``--serve-arg=--dtype --serve-arg=float32``).
 * On small machines (at most ``SMALL_MACHINE_CPUS`` usable CPUs, one tensor-parallel rank) the
   worker's OpenMP threads are bound to every CPU (``VLLM_CPU_OMP_THREADS_BIND``) instead of vLLM's
-  default of keeping one CPU back for the API server (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``): on two
-  cores that default halves the compute. Measured through ``headwise serve --no-headwise --dtype
-  float32`` on the 2-core EPYC, a 2K-token prompt with 48 output tokens, two requests each:
-  TTFT 15.7/15.6 s (vLLM's default binding) vs 9.0/8.5 s (both cores); with
-  ``OMP_WAIT_POLICY=PASSIVE`` 15.9/16.9 s (default binding) and 11.9/11.3 s (both cores), so the
-  wait policy is left alone. Inter-token latency moved within the machine's noise (110-218 ms).
+  default of keeping one CPU back for the API server (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``), and
+  idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``): spinning threads
+  on every core starve the API server and the engine core, which stream the tokens. Measured
+  through ``headwise serve --no-headwise --dtype float32`` on the 2-core EPYC, a 2K-token prompt
+  with 48 output tokens, two requests each (TTFT; inter-token latency):
+  vLLM's default binding 15.7/15.6 s, 172/153 ms; both cores, spinning 9.0/8.5 s, 111/218 ms (and
+  ~350 ms under a 4-request load); both cores, passive 11.9/11.3 s, 135/139 ms.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def thread_env(tensor_parallel_size: int = 1) -> dict[str, str]:
     cpus = _cpus()
     if tensor_parallel_size != 1 or len(cpus) > SMALL_MACHINE_CPUS:
         return {}
-    return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(cpus), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(cpus), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @functools.lru_cache(maxsize=1)
