@@ -113,17 +113,60 @@ async def get_stats():
 
 # ------------------------------------------------------------------------ wiring into vLLM
 _collector_registered = False
-# Set when the app's lifespan shutdown began while vLLM's engine was already dead (vLLM's watchdog
-# stops the HTTP server then); ``serve.run_launch`` turns it into a non-zero exit with this reason.
+# Set when vLLM's engine died without being asked to stop (vLLM's watchdog then stops the HTTP
+# server); ``serve.run_launch`` turns it into a non-zero exit with this reason.
 engine_failure: str | None = None
+ENGINE_POLL_S = 0.25  # how often the engine watch looks at the engine client
+ORPHAN_GRACE_S = 2.0  # after the engine stopped: how long a request may still take to end by itself
 
 
-def _note_engine_state(app) -> None:
-    global engine_failure
-    engine = getattr(getattr(app, "state", None), "engine_client", None)
-    if engine is not None and getattr(engine, "errored", False):
-        engine_failure = ("vLLM's engine core died (its process exited or failed); the API server stopped "
-                          "because it can no longer serve. The engine's own log lines above say why")
+class _EngineWatch:
+    """Ends the HTTP requests that can no longer end by themselves once vLLM's engine has stopped.
+
+    On SIGTERM vLLM 0.32 aborts the engine client (``--shutdown-timeout 0``) and then waits for every
+    HTTP connection to close, but a stream whose request was aborted that way never gets another
+    output: it hangs, and the server with it (seen: in-flight streams held the API server until it
+    was killed). Every HTTP request runs as a task this watch knows; once the engine client is
+    stopped or dead, the requests still running after ``ORPHAN_GRACE_S`` are cancelled (the client
+    sees the connection end before the response completed). It also tells a requested stop (vLLM
+    called ``engine_client.shutdown``) from an engine that died by itself.
+    """
+
+    def __init__(self) -> None:
+        self.requests: set[asyncio.Task] = set()
+        self.stopping = False  # vLLM was asked to shut the engine down
+        self.task: asyncio.Task | None = None
+
+    def start(self, app) -> None:
+        engine = getattr(app.state, "engine_client", None)
+        if engine is None or self.task is not None:
+            return
+        shutdown = engine.shutdown
+
+        def requested_shutdown(*args, **kwargs):
+            self.stopping = True
+            return shutdown(*args, **kwargs)
+
+        engine.shutdown = requested_shutdown  # vLLM's SIGTERM handler looks it up when it runs
+        self.task = asyncio.get_running_loop().create_task(self._watch(engine))
+
+    async def _watch(self, engine) -> None:
+        global engine_failure
+        while not self._stopped(engine):
+            await asyncio.sleep(ENGINE_POLL_S)
+        if not self.stopping:
+            engine_failure = ("vLLM's engine core died (its process exited or failed); the API server stopped "
+                              "because it can no longer serve. The engine's own log lines above say why")
+        await asyncio.sleep(ORPHAN_GRACE_S)
+        for task in list(self.requests):
+            task.cancel()
+
+    def _stopped(self, engine) -> bool:
+        resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+        return bool(getattr(resources, "engine_dead", False) or getattr(engine, "errored", False))
+
+
+_watch = _EngineWatch()
 
 
 def register_collector() -> None:
@@ -205,6 +248,17 @@ class HeadwiseRoutes:
     async def __call__(self, scope, receive, send) -> None:
         if not self._attached and scope.get("app") is not None:
             self._attach(scope["app"])
+        if scope["type"] == "http":
+            task = asyncio.current_task()
+            _watch.requests.add(task)
+            try:
+                await self.app(scope, receive, send)
+            except asyncio.CancelledError:
+                if _watch.task is None or not _watch.task.done():
+                    raise  # not the watch's: uvicorn's own cancellation
+            finally:
+                _watch.requests.discard(task)
+            return
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
@@ -217,11 +271,6 @@ class HeadwiseRoutes:
                 task = asyncio.get_running_loop().create_task(_announce_when_listening(fastapi_app))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                _watch.start(fastapi_app)
 
-        async def watch_shutdown():
-            message = await receive()
-            if message.get("type") == "lifespan.shutdown" and fastapi_app is not None:
-                _note_engine_state(fastapi_app)  # before vLLM closes the engine client on purpose
-            return message
-
-        await self.app(scope, watch_shutdown, watch_startup)
+        await self.app(scope, receive, watch_startup)
