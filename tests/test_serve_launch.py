@@ -31,6 +31,8 @@ def launches(monkeypatch):
     """plan_launch, with the stats directories it creates removed afterwards."""
     monkeypatch.delenv("HEADWISE_STATS_DIR", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    for name in ("OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(name, raising=False)  # the CPU defaults apply only when these are unset
     made = []
 
     def launch(*args, **kw):
@@ -109,7 +111,11 @@ def test_gpu_launch_keeps_vllm_memory_and_compilation_defaults(launches):
 def test_no_headwise_serves_stock_attention_but_keeps_the_routes(launches):
     launch = launches(None, None, ["--max-model-len", "2048"], headwise=False, on_cpu=True)
     args = parse_vllm_args(launch.argv)
-    assert launch.plan is None and launch.env == {}
+    # no headwise switch; only the CPU defaults, which stock gets too (a comparison differs in attention only)
+    assert launch.plan is None and not any(k.startswith("HEADWISE_") for k in launch.env)
+    from headwise.server.commands.cpu_defaults import thread_env
+
+    assert launch.env == thread_env()
     assert "headwise" not in (args.additional_config or {})
     assert args.middleware == [serve.ROUTES_MIDDLEWARE]
 
@@ -185,3 +191,18 @@ def test_default_plan_missing_says_where_it_looked(launches, monkeypatch, tmp_pa
     monkeypatch.setenv(serve.ENV_CONFIGS, str(tmp_path))
     message = _error(launches, None, None, [], on_cpu=True)
     assert str(tmp_path / serve.DEFAULT_PLAN) in message and serve.ENV_CONFIGS in message
+
+
+def test_cpu_defaults_are_the_same_for_stock_and_headwise_and_yield_to_the_user(launches, monkeypatch):
+    from headwise.server.commands import cpu_defaults
+
+    monkeypatch.setattr(cpu_defaults, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no native bf16
+    stock = launches(None, None, [], headwise=False, on_cpu=True)
+    ours = launches(None, None, [], on_cpu=True)
+    assert parse_vllm_args(stock.argv).dtype == parse_vllm_args(ours.argv).dtype == "float32"
+    assert {k: v for k, v in ours.env.items() if not k.startswith("HEADWISE_")} == stock.env
+    assert parse_vllm_args(launches(None, None, ["--dtype", "bfloat16"], on_cpu=True).argv).dtype == "bfloat16"
+    monkeypatch.setattr(cpu_defaults, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert parse_vllm_args(launches(None, None, [], on_cpu=True).argv).dtype == "auto"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own thread settings win, all of them
+    assert not any(k.startswith(("OMP_", "VLLM_CPU_")) for k in launches(None, None, [], on_cpu=True).env)
