@@ -23,12 +23,25 @@ def _scale(d: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if scale is None else scale
 
 
-def _by_kv_head(kv_heads: torch.Tensor):
-    """Yield ``(kv_head, query-head indices)`` for each KV head in use."""
-    kv_heads = kv_heads.long()
-    for g in torch.unique(kv_heads).tolist():
-        yield g, torch.nonzero(kv_heads == g).flatten()
+def _per_head(x: torch.Tensor, kv_heads: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` with its KV-head axis ``axis`` replaced by one entry per query head (``kv_heads[h]``).
 
+    A gather, not a host loop over groups: no ``unique``/``nonzero`` sync, so the same code runs
+    inside a captured CUDA step. Callers only use it on small tiles (pooled blocks, a key tile).
+    """
+    return x.index_select(axis, kv_heads.to(x.device).long())
+
+
+def fixed_shapes(t: torch.Tensor | None) -> bool:
+    """Whether code on ``t``'s device must avoid host syncs (CUDA, or forced for tests).
+
+    On CUDA, builders size their outputs from budgets (padding) instead of reading counts back;
+    on CPU a host read is free, and trimming padding is cheaper for the kernels after.
+    """
+    return FORCE_FIXED_SHAPES or (t is not None and t.is_cuda)
+
+
+FORCE_FIXED_SHAPES = False  # tests run the CUDA code path on CPU under a sync detector
 
 def last_q_probs(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, q_pos: torch.Tensor,
                  scale: float | None = None) -> torch.Tensor:
@@ -42,10 +55,11 @@ def last_q_probs(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, 
     sc = _scale(q_last.shape[-1], scale)
     out = torch.empty(q_last.shape[1], q_last.shape[0], s, dtype=torch.float32, device=q_last.device)
     future = torch.arange(s, device=k.device).view(1, -1) > q_pos.view(-1, 1).to(k.device)  # [L, S]
-    for g, hs in _by_kv_head(kv_heads):
-        logits = torch.einsum("lhd,sd->hls", q_last[:, hs].float(), k[:, g].float()) * sc
+    kvh = kv_heads.to(k.device).long()
+    for h in range(q_last.shape[1]):  # one head at a time: [L, S] transient
+        logits = (q_last[:, h].float() @ k.index_select(1, kvh[h:h + 1])[:, 0].float().T) * sc
         logits.masked_fill_(future, float("-inf"))
-        out[hs] = torch.softmax(logits, dim=-1)
+        out[h] = torch.softmax(logits, dim=-1)
     return out
 
 
@@ -55,26 +69,43 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch
 
     Returns ``vertical [H, S]`` (sum over probes of each key column's probability) and
     ``slash [H, S]`` indexed by diagonal offset ``o = query position - key position``.
-    Heads are processed in chunks so the ``[h, L, S]`` probabilities stay bounded in memory.
+    Key tiles are visited twice (the log-sum-exp of each probe, then its probabilities), so the
+    transient memory is ``[L, tile]`` per head, never ``[H, L, S]`` (as the Triton version does).
     """
     if (tr := triton_estimate(q_last, q_last.shape[-1])) is not None:  # CUDA: Triton, same results
         return tr.vertical_slash_scores(q_last, k, kv_heads, q_pos, scale)
     h_total, l_len = q_last.shape[1], q_last.shape[0]
     s = k.shape[0]
     dev = q_last.device
+    sc = _scale(q_last.shape[-1], scale)
     vertical = torch.zeros(h_total, s, dtype=torch.float32, device=dev)
-    slash = torch.zeros(h_total, s, dtype=torch.float32, device=dev)
-    # offset of every (probe, key) pair; future keys have probability 0, so clamping them is harmless
-    offs = (q_pos.view(-1, 1).to(dev) - torch.arange(s, device=dev).view(1, -1)).clamp(min=0).view(1, -1)
-    per = max(1, _CHUNK_ELEMS // max(1, l_len * s))
-    for h0 in range(0, h_total, per):
-        hs = torch.arange(h0, min(h_total, h0 + per), device=dev)
-        probs = last_q_probs(q_last[:, hs], k, kv_heads[hs], q_pos, scale)  # [h, L, S]
-        vertical[hs] = probs.sum(1)
-        part = torch.zeros(len(hs), s, dtype=torch.float32, device=dev)
-        part.scatter_add_(1, offs.expand(len(hs), -1), probs.reshape(len(hs), -1))
-        slash[hs] = part
-    return vertical, slash
+    slash = torch.zeros(h_total, s + 1, dtype=torch.float32, device=dev)  # slot s: future pairs (p = 0)
+    q_pos = q_pos.to(dev).long().view(-1, 1)  # [L, 1]
+    tile = max(64, _CHUNK_ELEMS // 16 // max(1, l_len))
+    kvh = kv_heads.to(dev).long()
+    for h in range(h_total):
+        qh = q_last[:, h].float()  # [L, D]
+        g = kvh[h:h + 1]
+
+        def logits(t0: int, t1: int) -> torch.Tensor:  # [L, t] with -inf on future keys
+            x = (qh @ k[t0:t1].index_select(1, g)[:, 0].float().T) * sc
+            return x.masked_fill_(torch.arange(t0, t1, device=dev).view(1, -1) > q_pos, float("-inf"))
+
+        m = torch.full((l_len, 1), float("-inf"), device=dev)
+        z = torch.zeros(l_len, 1, device=dev)
+        for t0 in range(0, s, tile):
+            x = logits(t0, min(s, t0 + tile))
+            m_new = torch.maximum(m, x.amax(-1, keepdim=True))
+            z = z * torch.exp(m - m_new).nan_to_num_(0.0) + torch.exp(x - m_new).nan_to_num_(0.0).sum(-1, keepdim=True)
+            m = m_new
+        lse = m + torch.log(z)
+        for t0 in range(0, s, tile):
+            t1 = min(s, t0 + tile)
+            p = torch.exp(logits(t0, t1) - lse)  # [L, t]
+            vertical[h, t0:t1] = p.sum(0)
+            offs = q_pos - torch.arange(t0, t1, device=dev).view(1, -1)
+            slash[h].scatter_add_(0, torch.where(offs >= 0, offs, s).flatten(), p.flatten())
+    return vertical, slash[:, :s]
 
 
 def topk_forced(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None,
@@ -119,15 +150,28 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor
     """Scores of mean-pooled query blocks against mean-pooled key blocks.
 
     q: ``[Tq, H, D]``; k: ``[S, Hkv, D]``. Returns ``[H, NQB, NKB]`` fp32 (no causal mask applied:
-    the caller knows where the chunk sits).
+    the caller knows where the chunk sits). The whole matrix: for tests and short prompts only;
+    builders stream it with ``pooled_score_tiles``.
+    """
+    return torch.cat([t for _, t in pooled_score_tiles(q, k, kv_heads, block_q, block_k, scale)], -1)
+
+
+def pooled_score_tiles(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, block_q: int, block_k: int,
+                       scale: float | None = None, tile_elems: int = 1 << 22):
+    """Yield ``(first key block, scores [H, NQB, t])`` over tiles of pooled key blocks, in order.
+
+    Transient memory is one tile (``tile_elems`` fp32 scores) plus its pooled keys; the keys are
+    pooled tile by tile too, so nothing of size S is held besides ``k`` itself.
     """
     sc = _scale(q.shape[-1], scale)
     qp = pool_blocks(q, block_q)  # [H, NQB, D]
-    kp = pool_blocks(k, block_k)  # [Hkv, NKB, D]
-    out = torch.empty(qp.shape[0], qp.shape[1], kp.shape[1], dtype=torch.float32, device=q.device)
-    for g, hs in _by_kv_head(kv_heads):
-        out[hs] = torch.einsum("hqd,kd->hqk", qp[hs], kp[g]) * sc
-    return out
+    s = k.shape[0]
+    nkb = -(-s // block_k)
+    per = max(1, tile_elems // max(1, qp.shape[0] * qp.shape[1]))
+    for k0 in range(0, nkb, per):
+        k1 = min(nkb, k0 + per)
+        kp = _per_head(pool_blocks(k[k0 * block_k: min(s, k1 * block_k)], block_k), kv_heads, 0)  # [H, t, D]
+        yield k0, torch.bmm(qp, kp.transpose(1, 2)) * sc
 
 
 def block_max_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, positions: torch.Tensor,
@@ -146,14 +190,14 @@ def block_max_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, p
     q_valid = (torch.arange(nqb * block_q, device=q.device) < tq).view(nqb, block_q, 1)
     out = torch.empty(positions.shape, dtype=torch.float32, device=q.device)
     m = positions.shape[-1]
-    per = max(1, _CHUNK_ELEMS // max(1, block_q * m * h))  # query blocks per chunk
+    kvh = kv_heads.to(k.device).long().view(-1, 1, 1)
+    per = max(1, (_CHUNK_ELEMS >> 2) // max(1, max(block_q, d) * m * h))  # query blocks per chunk
     for b0 in range(0, nqb, per):
         b1 = min(nqb, b0 + per)
-        for g, hs in _by_kv_head(kv_heads):
-            keys = k[:, g].float()[positions[hs, b0:b1]]  # [h, nb, M, D]
-            s = torch.einsum("bqhd,hbmd->hbqm", qb[b0:b1][:, :, hs], keys) * sc
-            s = s.masked_fill(~q_valid[b0:b1].view(1, b1 - b0, block_q, 1), float("-inf"))
-            out[hs, b0:b1] = s.amax(2)
+        keys = k[positions[:, b0:b1], kvh].float()  # [h, nb, M, D]: only the listed keys
+        s = torch.einsum("bqhd,hbmd->hbqm", qb[b0:b1], keys) * sc
+        s = s.masked_fill(~q_valid[b0:b1].view(1, b1 - b0, block_q, 1), float("-inf"))
+        out[:, b0:b1] = s.amax(2)
     return out
 
 
@@ -178,12 +222,10 @@ def decode_scores(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Ten
     """
     if (tr := triton_estimate(q, q.shape[-1])) is not None:  # CUDA: reads the paged cache in place
         return tr.decode_scores(q, k_cache, block_table, seq_lens, kv_heads, scale)
-    max_len = int(seq_lens.max().item())
+    max_len = int(seq_lens.max().item())  # the whole [B, H, S] matrix: tests and short contexts only
     sc = _scale(q.shape[-1], scale)
     keys = gather_cached_keys(k_cache, block_table, max_len)  # [B, S, Hkv, D]
-    out = torch.empty(q.shape[0], q.shape[1], max_len, dtype=torch.float32, device=q.device)
-    for g, hs in _by_kv_head(kv_heads):
-        out[:, hs] = torch.einsum("bhd,bsd->bhs", q[:, hs].float(), keys[:, :, g].float()) * sc
+    out = torch.einsum("bhd,bshd->bhs", q.float(), _per_head(keys, kv_heads, 2).float()) * sc
     past = torch.arange(max_len, device=q.device).view(1, 1, -1) >= seq_lens.view(-1, 1, 1).to(q.device)
     return out.masked_fill_(past, float("-inf"))
 

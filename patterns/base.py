@@ -77,6 +77,12 @@ class DecodeInputs:
     heads:       the built heads' global query-head indices.
     num_layer_heads: query heads in the whole layer (global).
     num_layer_kv_heads: KV heads in the whole layer (global); None means one per query head.
+    max_seq_len: a bound on ``seq_lens`` known on the host (the engine's max model length):
+                 selections are padded to it instead of reading ``seq_lens`` back (no sync).
+    page_summaries: Quest's per-page key min/max kept beside the cache (``PageSummaries``);
+                 None means page_topk recomputes them from the cache.
+    hip_state / step: HiP decode's persistent mask (``HipDecodeState``) and the decode step
+                 number that decides which stages refresh; None means every stage runs.
     """
 
     heads: list[int]
@@ -89,6 +95,11 @@ class DecodeInputs:
     kv_heads: torch.Tensor | None = None
     scale: float = 1.0
     num_layer_kv_heads: int | None = None
+    max_seq_len: int | None = None
+    page_summaries: object | None = None
+    hip_state: object | None = None
+    slots: torch.Tensor | None = None  # [B] persistent state row of each request (HiP decode)
+    step: int = 0
 
     @property
     def batch(self) -> int:

@@ -78,9 +78,8 @@ def build_prefill(p: BlockSparse, inp: PrefillInputs) -> SparseIndex:
         tile = tile.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
         vals = torch.cat([vals, tile], -1)
         idx = torch.cat([idx, torch.arange(k0, k1, device=dev).expand(h, nqb, -1)], -1)
-        if vals.shape[-1] > width:
-            vals, top = torch.topk(vals, width, dim=-1)
-            idx = torch.gather(idx, -1, top)
+        vals, top = torch.topk(vals, min(width, vals.shape[-1]), dim=-1)  # sorted: forced first
+        idx = torch.gather(idx, -1, top)
     rank = torch.arange(vals.shape[-1], device=dev)
     keep = (rank < torch.clamp(n_forced, min=p.top_k).view(1, -1, 1)) & (vals > float("-inf"))
     blocks = torch.sort(torch.where(keep, idx, nkb), dim=-1).values  # kept first, ascending

@@ -68,6 +68,11 @@ def build_layer_decode_selection(
     tidal_state: TidalState | None = None,
     tidal_top_k: int = 256,
     dense_below: int = 0,
+    max_seq_len: int | None = None,
+    page_summaries: Any = None,
+    hip_state: Any = None,
+    slots: torch.Tensor | None = None,
+    step: int = 0,
 ) -> DecodeSelection:
     """The ``DecodeSelection`` ``[B, H_local]`` (query-head axis) of one layer for one decode batch.
 
@@ -79,6 +84,13 @@ def build_layer_decode_selection(
     total_lens:  ``[B]`` prompt + planned generation (MoA); defaults to seq_lens.
     kv_heads:    ``[H]`` long, local KV head per local head (indexes k_cache's head axis).
     dense_below: requests shorter than this read every token (their row becomes DENSE).
+    max_seq_len: host bound on seq_lens (the engine's max model length): selections are padded to
+                 it, so nothing reads seq_lens back (capturable decode step).
+    page_summaries: this layer's ``PageSummaries`` (Quest min/max kept by ``update_page_summaries``);
+                 None: page_topk recomputes them from k_cache.
+    hip_state, slots, step: HiP decode's ``HipDecodeState`` for this layer, each request's row in
+                 it ``[B]`` and the decode step counter that decides which stages refresh; without
+                 a state HiP runs every stage each step.
     """
     if len(specs) != len(heads):
         raise ValueError(f"build_layer_decode_selection: {len(specs)} specs for {len(heads)} heads")
@@ -102,9 +114,12 @@ def build_layer_decode_selection(
             heads=[heads[i] for i in local], num_layer_heads=num_layer_heads, seq_lens=seq_lens,
             total_lens=total_lens, q=None if q is None else q[:, idx.to(q.device)], k_cache=k_cache,
             block_table=block_table, kv_heads=kv_heads[idx.to(kv_heads.device)], scale=scale,
-            num_layer_kv_heads=num_layer_kv_heads)
+            num_layer_kv_heads=num_layer_kv_heads, max_seq_len=max_seq_len, page_summaries=page_summaries,
+            hip_state=hip_state, slots=slots, step=step)
         module = families.DECODE[spec.type]
-        if spec.type == "tidal":
+        if spec.type == "hierarchical":
+            sel = module.select_decode(spec, inp, idx)
+        elif spec.type == "tidal":
             sel = module.select_decode(spec, inp, tidal_state, idx, tidal_top_k)
         else:
             sel = module.select_decode(spec, inp)

@@ -28,6 +28,7 @@ DECODE: dict[str, ModuleType] = {
     "tidal": tidal,
     "page_topk": page_topk,
     "strided": strided,
+    "hierarchical": hierarchical,
 }
 
 # Prefill patterns whose index depends only on positions: built once per step, shared by layers.

@@ -59,32 +59,75 @@ class Hierarchical(PatternModel):
         return self
 
 
-def _descend(q, k, kv_heads, cand, cand_n, chunk: int, keep_n: int, limit, block_m: int, scale):
+def rounds_for(max_group: int) -> int:
+    """Halving rounds until a group of ``max_group`` units is one unit (extra rounds are no-ops)."""
+    r = 0
+    while max_group > 1:
+        max_group = (max_group + 1) // 2
+        r += 1
+    return r
+
+
+def descend(score, unit_at, cand_n: torch.Tensor, max_cand: int, chunk: int, keep_n: int, limit: torch.Tensor):
     """One stage: keep ``keep_n`` of each row's ``cand_n`` candidate units by greedy halving.
 
-    cand: ``[H, NQB, M]`` ascending unit start positions (valid below ``cand_n``); units are
-    ``chunk`` tokens, clipped at ``limit`` ``[1, NQB, 1]`` (the end of the candidate region).
-    Returns the kept unit starts (ascending, padded) and their counts.
+    unit_at(i): the start positions of candidate units ``i`` (``[*rows, M]`` long, valid below
+    ``cand_n``, ascending); stage 1 passes arithmetic units, so its candidates are never stored.
+    score(positions ``[*rows, M]``): fp32 scores of representative keys.
+    max_cand: a host bound on ``cand_n`` that fixes the number of rounds (no host sync).
+    Units are ``chunk`` tokens clipped at ``limit`` (broadcastable to rows: the candidate
+    region's end). Returns the kept unit starts ``[*rows, keep_n]`` (ascending, padded) and counts.
     """
-    dev = cand.device
+    dev = cand_n.device
     n = keep_n
-    m = cand.shape[-1]
     i = torch.arange(n + 1, device=dev)
     # n groups partition [0, cand_n) evenly (rows with cand_n <= n get groups of size 0 or 1)
-    bounds = (cand_n[..., None] * i) // n  # [H, NQB, n + 1]
+    bounds = (cand_n[..., None] * i) // n  # [*rows, n + 1]
     gs, ge = bounds[..., :-1], bounds[..., 1:]
-    while bool(((ge - gs) > 1).any()):
+    for _ in range(rounds_for(-(-max_cand // n))):
         mid = (gs + ge + 1) // 2  # a size-1 group keeps itself as the left half, right half empty
         hs = torch.cat([gs, mid], -1)
         he = torch.cat([mid, ge], -1)
         live = he > hs
-        rep_unit = torch.gather(cand, -1, ((hs + he - 1) // 2).clamp(0, m - 1))
+        rep_unit = unit_at(torch.clamp((hs + he - 1) // 2, min=0))
         rep = torch.minimum(rep_unit + chunk // 2, limit - 1).clamp(min=0)
-        score = estimate.block_max_scores(q, k, kv_heads, rep, block_m, scale).masked_fill(~live, float("-inf"))
-        top = torch.topk(score, n, dim=-1).indices
+        top = torch.topk(score(rep).masked_fill(~live, float("-inf")), n, dim=-1).indices
         gs, ge = torch.gather(hs, -1, top), torch.gather(he, -1, top)
     live = ge > gs
-    return compact(torch.gather(cand, -1, gs.clamp(0, m - 1)), live)
+    return compact(unit_at(gs), live)
+
+
+def split_units(cand: torch.Tensor, cand_n: torch.Tensor, chunk: int, sub: int, limit: torch.Tensor):
+    """Every kept unit of ``chunk`` tokens as units of ``sub`` tokens, those below ``limit``.
+
+    cand ``[*rows, M]`` ascending below ``cand_n``: the split list is ascending too and its valid
+    items form a prefix (both conditions are prefixes of a sorted list), so no sort is needed.
+    """
+    ratio = chunk // sub
+    units = (cand[..., :, None] + torch.arange(ratio, device=cand.device) * sub).flatten(-2)  # [*rows, M * ratio]
+    ok = (torch.arange(units.shape[-1], device=cand.device) // ratio < cand_n[..., None]) & (units < limit)
+    return units, ok.sum(-1)
+
+
+def select_units(p: Hierarchical, score, lo: int, limit: torch.Tensor, max_limit: int, rows: tuple):
+    """All stages for rows whose candidate region is ``[lo, limit)``; ``max_limit`` bounds ``limit``
+    on the host. Returns the last stage's unit starts ``[*rows, keep]``, counts, and its chunk."""
+    dev = limit.device
+    c0 = p.stages[0].chunk
+    lim = limit.expand(*rows, 1)
+    cand_n = (((lim - lo).clamp(min=0) + c0 - 1) // c0)[..., 0]
+    max_cand = max(0, -(-(max_limit - lo) // c0))
+    unit_at = lambda i: lo + i * c0  # noqa: E731  stage 1: aligned units from the sink, never stored
+    chunk = c0
+    cand = None
+    for i, stage in enumerate(p.stages):
+        if i > 0:
+            cand, cand_n = split_units(cand, cand_n, chunk, stage.chunk, lim)
+            max_cand = cand.shape[-1]
+            chunk = stage.chunk
+            unit_at = lambda j, c=cand: torch.gather(c, -1, j.clamp(max=c.shape[-1] - 1))  # noqa: E731
+        cand, cand_n = descend(score, unit_at, cand_n, max(1, max_cand), chunk, stage.budget // chunk, lim)
+    return cand, cand_n, chunk
 
 
 def build_prefill(p: Hierarchical, inp: PrefillInputs) -> SparseIndex:
@@ -98,36 +141,29 @@ def build_prefill(p: Hierarchical, inp: PrefillInputs) -> SparseIndex:
     win_start = torch.clamp(bs - p.window + 1, min=0)
     lo = min(p.sink, inp.seq_len)
     limit = torch.clamp(win_start, min=lo).view(1, nqb, 1)
-    # stage 1 candidates: aligned units of the first chunk size starting at the sink
-    c0 = p.stages[0].chunk
-    m0 = max(1, -(-(int(limit.max().item()) - lo) // c0))
-    cand = (lo + torch.arange(m0, device=dev) * c0).view(1, 1, m0).expand(h, nqb, m0)
-    cand_n = ((limit - lo).clamp(min=0) + c0 - 1) // c0
-    cand_n = cand_n.view(1, nqb).expand(h, nqb)
-    chunk = c0
-    for i, stage in enumerate(p.stages):
-        if i > 0:  # split every kept unit into units of this stage's chunk
-            ratio = chunk // stage.chunk
-            sub = cand[..., :, None] + torch.arange(ratio, device=dev) * stage.chunk  # [H, NQB, M, ratio]
-            ok = (torch.arange(cand.shape[-1], device=dev) < cand_n[..., None])[..., None] & (sub < limit[..., None])
-            cand, cand_n = compact(sub.flatten(-2), ok.flatten(-2))
-            chunk = stage.chunk
-        cand, cand_n = _descend(q, k, inp.kv_heads, cand, cand_n, chunk, stage.budget // chunk, limit,
-                                inp.block_m, inp.scale)
-        cand = cand[..., : max(1, int(cand_n.max().item()))]
+    last_bs = inp.q_offset + (nqb - 1) * inp.block_m  # host copy of the largest limit
+    max_limit = max(lo, last_bs - p.window + 1)
+    score = lambda rep: estimate.block_max_scores(q, k, inp.kv_heads, rep, inp.block_m, inp.scale)  # noqa: E731
+    cand, cand_n, chunk = select_units(p, score, lo, limit, max_limit, (h, nqb))
     live = torch.arange(cand.shape[-1], device=dev) < cand_n[..., None]
     sel_s, sel_e = cand, torch.minimum(cand + chunk, limit)
     sink_s = torch.zeros(h, nqb, 1, dtype=torch.long, device=dev)
     sink_e = torch.full_like(sink_s, lo).minimum(be.view(1, -1, 1))
     win_s, win_e = win_start.view(1, -1, 1).expand(h, nqb, 1), be.view(1, -1, 1).expand(h, nqb, 1)
-    starts = torch.cat([sink_s, win_s, sel_s], -1)
-    ends = torch.cat([sink_e, win_e, sel_e], -1)
-    valid = torch.cat([torch.ones(h, nqb, 2, dtype=torch.bool, device=dev), live], -1)
-    rs, re, rc = merge_intervals(starts, ends, valid)
+    # sink, then the units (ascending, inside [lo, limit)), then the window: already in order
+    starts = torch.cat([sink_s, sel_s, win_s], -1)
+    ends = torch.cat([sink_e, sel_e, win_e], -1)
+    valid = torch.cat([torch.ones(h, nqb, 1, dtype=torch.bool, device=dev), live,
+                       torch.ones(h, nqb, 1, dtype=torch.bool, device=dev)], -1)
+    rs, re, rc = merge_intervals(starts, ends, valid, presorted=True)
     cols, cc = no_columns(h, nqb, dev)
-    return make_index(rs, re, rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m)
+    return make_index(rs, re, rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m, fixed=estimate.fixed_shapes(q))
 
 
 def expected_density(p: Hierarchical, length: int, ctx: DensityContext = DensityContext()) -> float:
     """Each query keeps at most sink + window + the last stage's budget keys."""
     return density.density_for_keys(p.sink + p.window + ctx.block_m + p.stages[-1].budget, length)
+
+
+# decode (HiP's refreshed mask) lives beside it; imported last: it builds on the stages above
+from .hierarchical_decode import HipDecodeState, expected_decode_density, select_decode  # noqa: E402,F401

@@ -3,8 +3,8 @@
 Every ``page_size``-token page keeps the per-channel min and max of its keys; a page's score for
 query ``q`` is ``sum_d max(q_d * min_d, q_d * max_d)``, an upper bound of ``q . k`` over the page.
 Each (request, head) reads its top pages under a token budget; the page holding the current
-token is always read. (The torch version recomputes min/max from the cache each step; a real
-deployment keeps them beside the cache.)
+token is always read. The min/max live beside the cache in ``PageSummaries``, folded in by
+``update_page_summaries`` where K is written; without them the selector recomputes them (O(S)).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from headwise.kernels import estimate
+from headwise.kernels import decode_select
+from headwise.kernels.decode_select import PageSummaries, update_page_summaries  # noqa: F401  (the plugin's hook)
 from headwise.kernels.index import DecodeMode, DecodeSelection
 
 from .base import DecodeInputs, DensityContext, PatternModel
@@ -34,21 +35,15 @@ class PageTopK(PatternModel):
 
 
 def select_decode(p: PageTopK, inp: DecodeInputs) -> DecodeSelection:
+    """Top pages from the summaries kept beside the cache (``inp.page_summaries``), or, when the
+    caller keeps none, from min/max recomputed out of the cache (reads every key: the oracle)."""
     if inp.q is None or inp.k_cache is None:
         raise ValueError("page_topk needs q and the paged k_cache")
     dev = inp.seq_lens.device
-    kmin, kmax = estimate.page_min_max(inp.k_cache, inp.block_table, inp.seq_lens, p.page_size)
-    scores = estimate.page_scores(inp.q, kmin, kmax, inp.kv_heads)  # [B, H, P]
-    lens = inp.seq_lens.to(scores.device).long().view(-1, 1, 1)
-    page = torch.arange(scores.shape[-1], device=scores.device).view(1, 1, -1)
-    n_pages = (lens + p.page_size - 1) // p.page_size
-    keep, _ = estimate.topk_forced(scores, p.budget // p.page_size, forced=page == n_pages - 1,
-                                   allowed=page < n_pages)
-    idx = torch.sort(torch.where(keep, page, 2**31 - 1), dim=-1).values  # kept pages first, ascending
-    count = keep.sum(-1)
-    width = max(1, int(count.max().item()))
-    idx = torch.where(torch.arange(width, device=idx.device) < count[..., None], idx[..., :width], 0)
-    b, h = scores.shape[:2]
+    idx, count = decode_select.page_topk(inp.q, inp.k_cache, inp.block_table, inp.seq_lens, inp.kv_heads,
+                                         p.page_size, p.budget // p.page_size, summary=inp.page_summaries,
+                                         max_len=inp.max_seq_len)
+    b, h = count.shape
     return DecodeSelection.uniform(b, h, DecodeMode.BLOCKS, indices=idx.to(dev), count=count.to(dev),
                                    block_size=p.page_size, device=dev)
 

@@ -47,7 +47,8 @@ PrefillSpec = Annotated[
     Union[Dense, AShape, VerticalSlash, BlockSparse, Strided, ElasticWindow, Hierarchical],
     Field(discriminator="type"),
 ]
-DecodeSpec = Annotated[Union[Dense, Window, ElasticWindow, Tidal, PageTopK, Strided], Field(discriminator="type")]
+DecodeSpec = Annotated[Union[Dense, Window, ElasticWindow, Tidal, PageTopK, Strided, Hierarchical],
+                       Field(discriminator="type")]
 
 FORMAT_VERSION = 1
 

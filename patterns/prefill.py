@@ -125,11 +125,13 @@ def build_layer_prefill_index(
 
 def with_dense_tail(index: SparseIndex, tail: int) -> SparseIndex:
     """``index`` with every block that holds one of the chunk's last ``tail`` queries made dense."""
+    # block bounds on the host (no device sync): the tail rows are the last few blocks
+    first = max(0, -(-(index.seq_len - tail + 1 - index.q_offset) // index.block_m) - 1) if tail > 0 else index.num_q_blocks
+    if tail <= 0 or first >= index.num_q_blocks:
+        return index
+    rows = slice(first, index.num_q_blocks)
     start = index.q_offset + torch.arange(index.num_q_blocks, device=index.device) * index.block_m
     end = torch.clamp(start + index.block_m, max=index.seq_len)
-    rows = end > index.seq_len - tail
-    if tail <= 0 or not bool(rows.any()):
-        return index
     rs, re = index.range_start.clone(), index.range_end.clone()
     if rs.shape[2] == 0:
         rs = torch.zeros(*rs.shape[:2], 1, dtype=rs.dtype, device=rs.device)

@@ -31,19 +31,22 @@ def compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, tor
     return vals, keep.sum(-1)
 
 
-def merge_intervals(starts: torch.Tensor, ends: torch.Tensor, valid: torch.Tensor):
+def merge_intervals(starts: torch.Tensor, ends: torch.Tensor, valid: torch.Tensor, presorted: bool = False):
     """Union of the intervals ``[starts, ends)`` of each row as sorted, disjoint ranges.
 
     starts, ends, valid: ``[..., N]`` (any order; empty or invalid intervals are ignored).
+    presorted: the valid intervals of each row already come in ascending start order (invalid
+    ones anywhere): the sort is skipped, which is most of the cost on long rows.
     Returns ``(range_start, range_end, range_count)`` with range tensors ``[..., N]`` (valid where
     ``r < range_count``). Touching intervals merge, as the index format requires.
     """
     valid = valid & (ends > starts)
     s = torch.where(valid, starts.long(), _BIG)
-    order = torch.argsort(s, dim=-1, stable=True)
-    s = torch.gather(s, -1, order)
-    e = torch.gather(torch.where(valid, ends.long(), -1), -1, order)
-    v = torch.gather(valid, -1, order)
+    e = torch.where(valid, ends.long(), -1)
+    v = valid
+    if not presorted:
+        order = torch.argsort(s, dim=-1, stable=True)
+        s, e, v = torch.gather(s, -1, order), torch.gather(e, -1, order), torch.gather(valid, -1, order)
     # An interval opens a new range when it starts after the furthest end seen so far.
     # (Invalid items sit at the back with end -1, so they never raise the running maximum.)
     reach = torch.cummax(e, dim=-1).values
@@ -99,10 +102,17 @@ def drop_covered(cols: torch.Tensor, col_valid: torch.Tensor, rs: torch.Tensor, 
     return compact(vals, live & ~dup)
 
 
-def make_index(rs, re, rc, cols, cc, q_len: int, q_offset: int, block_m: int) -> SparseIndex:
-    """Assemble a ``SparseIndex`` from ``[H, NQB, *]`` pieces, trimming padding to the widest row."""
-    r_w = max(1, int(rc.max().item()) if rc.numel() else 1)
-    c_w = max(1, int(cc.max().item()) if cc.numel() else 1)
+def make_index(rs, re, rc, cols, cc, q_len: int, q_offset: int, block_m: int, fixed: bool = False) -> SparseIndex:
+    """Assemble a ``SparseIndex`` from ``[H, NQB, *]`` pieces, trimming padding to the widest row.
+
+    fixed: keep the widths the pieces come with (sized from budgets by the caller) instead of
+    reading the counts back: no host sync, so a CUDA step stays capturable.
+    """
+    if fixed:
+        r_w, c_w = max(1, rs.shape[-1]), max(1, cols.shape[-1])
+    else:
+        r_w = max(1, int(rc.max().item()) if rc.numel() else 1)
+        c_w = max(1, int(cc.max().item()) if cc.numel() else 1)
 
     def fit(t: torch.Tensor, w: int) -> torch.Tensor:
         t = t[..., :w]

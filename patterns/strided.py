@@ -15,11 +15,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from headwise.kernels import estimate
 from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
 
 from . import density
 from .base import DecodeInputs, DensityContext, PatternModel, PrefillInputs
-from .ranges import block_bounds, compact, make_index, no_columns, ranges_from_mask
+from .ranges import block_bounds, make_index, no_columns
 
 
 class Strided(PatternModel):
@@ -37,7 +38,8 @@ def _shift(p: Strided, kv_heads: list[int], num_kv_heads: int) -> torch.Tensor:
 
 
 def block_mask(p: Strided, shift: torch.Tensor, last_block: torch.Tensor, nkb: int) -> torch.Tensor:
-    """``[H, N, nkb]`` kept key blocks for rows whose newest key block is ``last_block`` ``[N]``."""
+    """``[H, N, nkb]`` kept key blocks for rows whose newest key block is ``last_block`` ``[N]``
+    (the definition, for tests; the builders below use its closed form)."""
     kb = torch.arange(nkb, device=last_block.device).view(1, 1, -1)
     last = last_block.view(1, -1, 1)
     shift = shift.to(last_block.device).view(-1, 1, 1)
@@ -47,30 +49,75 @@ def block_mask(p: Strided, shift: torch.Tensor, last_block: torch.Tensor, nkb: i
     return causal & (local | shard)
 
 
+def shard_blocks(p: Strided, shift: torch.Tensor, last_block: torch.Tensor, nkb: int):
+    """The kept blocks of ``block_mask`` without the mask: shard blocks, then the local run.
+
+    shift: ``[H]``; last_block: ``[N]``. Returns ``first [H, 1]`` (the first shard block),
+    ``n_shard [H, N]`` (shard blocks before the local run), ``local0 [1, N]`` (first local block)
+    and ``width`` (a bound on ``n_shard`` fixed by ``nkb``: no host sync). Shard block ``j`` is
+    ``first + j * vert_stride``.
+    """
+    stride = p.vert_stride
+    last = last_block.long().view(1, -1)
+    local0 = torch.clamp(last - p.local_blocks + 1, min=0)
+    first = ((-shift.to(last.device).long()) % stride).view(-1, 1)
+    n_shard = torch.clamp((local0 - first + stride - 1) // stride, min=0)
+    if stride == 1:  # every block is kept: one run from 0
+        n_shard = torch.zeros_like(n_shard)
+        local0 = torch.zeros_like(local0)
+    width = 0 if stride == 1 else -(-nkb // stride)
+    return first, n_shard, local0, width
+
+
 def build_prefill(p: Strided, inp: PrefillInputs) -> SparseIndex:
+    """Ranges in closed form: one per shard block, then the local run (the last shard block
+    merges into it when they touch). ``O(H * NQB * NKB / vert_stride)``, no mask, no sort."""
     device = inp.q.device if inp.q is not None else "cpu"
     bs, be = block_bounds(inp.q_offset, inp.q_len, inp.block_m, device)
     nkb = -(-inp.seq_len // p.block_size)
     shift = _shift(p, inp.global_kv_heads(), inp.num_layer_kv_heads or inp.num_layer_heads)
-    mask = block_mask(p, shift, (be - 1) // p.block_size, nkb)  # [H, NQB, NKB]
-    rs, re, rc = ranges_from_mask(mask, p.block_size, inp.seq_len)
-    cols, cc = no_columns(len(inp.heads), bs.shape[0], device)
-    return make_index(rs, re, rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m)
+    last = (be - 1) // p.block_size
+    first, n_shard, local0, width = shard_blocks(p, shift, last, nkb)  # [H, 1], [H, NQB], [1, NQB]
+    h, nqb = shift.shape[0], bs.shape[0]
+    j = torch.arange(width + 1, device=device).view(1, 1, -1)
+    kb = first.view(h, 1, 1) + j * p.vert_stride  # [H, 1, J]
+    n = n_shard.view(h, nqb, 1)
+    local_s = (local0 * p.block_size).view(1, nqb, 1)
+    local_e = torch.clamp((last + 1) * p.block_size, max=inp.seq_len).view(1, nqb, 1)
+    touches = (n > 0) & (first.view(h, 1, 1) + (n - 1) * p.vert_stride + 1 == local0.view(1, nqb, 1))
+    rc = (n + (~touches).long()).view(h, nqb)  # the local run is its own range unless merged
+    rs = torch.where(j < n, kb * p.block_size, local_s)
+    rs = torch.where(j < rc.view(h, nqb, 1), rs, 0)
+    re = torch.where(j < n, kb * p.block_size + p.block_size, local_e)
+    re = torch.where(touches & (j == n - 1), local_e, re)
+    re = torch.where(j < rc.view(h, nqb, 1), re, 0)
+    cols, cc = no_columns(h, nqb, device)
+    return make_index(rs.to(torch.int32), re.to(torch.int32), rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m,
+                      fixed=estimate.fixed_shapes(inp.q))
 
 
 def select_decode(p: Strided, inp: DecodeInputs) -> DecodeSelection:
+    """Blocks in closed form: the shard blocks, then the local run. The width is fixed by
+    ``inp.max_seq_len`` when the caller gives it (no host sync), else by the longest request."""
     dev = inp.seq_lens.device
     lens = inp.seq_lens.long()
-    nkb = max(1, -(-int(lens.max().item()) // p.block_size)) if lens.numel() else 1
+    b, h = lens.shape[0], len(inp.heads)
+    max_len = inp.max_seq_len if inp.max_seq_len is not None else (int(lens.max().item()) if b else 1)
+    nkb = max(1, -(-max_len // p.block_size))
     shift = _shift(p, inp.global_kv_heads(), inp.num_layer_kv_heads or inp.num_layer_heads)
-    mask = block_mask(p, shift, (lens - 1) // p.block_size, nkb).transpose(0, 1)  # [B, H, NKB]
-    idx, count = compact(torch.arange(nkb, device=dev).expand(mask.shape), mask)
-    width = max(1, int(count.max().item()))
-    idx = torch.where(torch.arange(width, device=dev) < count[..., None], idx[..., :width], 0)
-    b, h = mask.shape[:2]
-    sel = DecodeSelection.uniform(b, h, DecodeMode.BLOCKS, indices=idx, count=count, block_size=p.block_size,
-                                  device=dev)
-    return sel
+    last = (lens - 1).clamp(min=0) // p.block_size
+    first, n_shard, local0, width = shard_blocks(p, shift, last, nkb)  # [H, 1], [H, B], [1, B]
+    n = n_shard.transpose(0, 1)  # [B, H]
+    n_local = (last.view(-1, 1) - local0.view(-1, 1) + 1)  # [B, 1]
+    count = n + n_local
+    run = nkb if p.vert_stride == 1 else min(p.local_blocks, nkb)  # longest local run
+    j = torch.arange(width + run, device=dev).view(1, 1, -1)
+    shard = first.view(1, h, 1) + j * p.vert_stride
+    local = local0.view(-1, 1, 1) + (j - n[..., None])
+    idx = torch.where(j < n[..., None], shard, local)
+    idx = torch.where(j < count[..., None], idx, 0)
+    return DecodeSelection.uniform(b, h, DecodeMode.BLOCKS, indices=idx, count=count, block_size=p.block_size,
+                                   device=dev)
 
 
 def expected_density(p: Strided, length: int, ctx: DensityContext = DensityContext()) -> float:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from headwise.kernels import estimate
+from headwise.kernels import decode_select
 from headwise.kernels.index import DecodeMode, DecodeSelection
 
 from .base import DecodeInputs, DensityContext, PatternModel
@@ -73,16 +73,10 @@ def choose(q: torch.Tensor, inp: DecodeInputs, top_k: int, window: int = 0) -> t
     last ``window`` tokens) forced in.
 
     Returns sorted positions ``[B, H, min(top_k, max_len)]`` (padded past ``counts``) and counts ``[B, H]``.
+    ``torch.topk`` over tiles of the cache (``kernels.decode_select``), never a full sort.
     """
-    scores = estimate.decode_scores(q, inp.k_cache, inp.block_table, inp.seq_lens, inp.kv_heads, inp.scale)
-    lens = inp.seq_lens.to(scores.device).long()
-    pos = torch.arange(scores.shape[-1], device=scores.device).view(1, 1, -1)
-    recent = pos >= (lens - max(1, min(window, top_k))).view(-1, 1, 1)  # the current token at least
-    keep, count = estimate.topk_forced(scores, top_k, forced=recent, allowed=pos < lens.view(-1, 1, 1))
-    idx = torch.sort(torch.where(keep, pos, 2**31 - 1), dim=-1).values  # kept positions first, ascending
-    width = max(1, min(top_k, scores.shape[-1]))
-    idx = idx[..., :width]
-    return torch.where(torch.arange(width, device=idx.device) < count[..., None], idx, 0), count
+    return decode_select.decode_topk(q, inp.k_cache, inp.block_table, inp.seq_lens, inp.kv_heads, top_k,
+                                     window=max(1, window), scale=inp.scale, max_len=inp.max_seq_len)
 
 
 def select_decode(p: Tidal, inp: DecodeInputs, state: TidalState | None, local_heads: torch.Tensor,

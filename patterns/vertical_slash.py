@@ -35,52 +35,77 @@ class VerticalSlash(PatternModel):
     local_diagonals: int = Field(100, ge=1, description="nearest diagonals always kept (main one included)")
 
 
+_SCORE_ELEMS = 1 << 21  # (head, key) scores ranked at a time: heads are estimated in groups this big
+
+
 def select(p: VerticalSlash, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, q_offset: int,
            scale: float | None = None):
     """Kept columns ``[H, V]`` ascending and kept diagonal offsets ``[H, Sd]`` *descending*, with counts.
 
     q: ``[Tq, H, D]``; k: ``[S, Hkv, D]``. Padding entries are large values past the counts.
+    Widths are fixed by the budgets (``V = min(S, max(vertical, sink_columns))``, likewise
+    ``Sd``), and the heads are estimated and ranked a group at a time, so the ``[H, S]`` scores
+    are never all held: memory is ``O(S)`` per head of one group.
     """
     tq, s = q.shape[0], k.shape[0]
+    h = q.shape[1]
     n_probe = min(p.last_q, tq)
     q_pos = q_offset + torch.arange(tq - n_probe, tq, device=q.device)
-    vert, slash = estimate.vertical_slash_scores(q[tq - n_probe:], k, kv_heads, q_pos, scale)  # [H, S] each
     pos = torch.arange(s, device=q.device)
-    col_keep, _ = estimate.topk_forced(vert, p.vertical, forced=pos < p.sink_columns)
-    # every offset 0..S-1 occurs (the last probe sits at S-1), so all diagonals are candidates
-    diag_keep, _ = estimate.topk_forced(slash, p.slash, forced=pos < p.local_diagonals)
-    cols, n_cols = compact(pos.expand_as(col_keep), col_keep)
-    neg_offs, n_diag = compact(-pos.expand_as(diag_keep), diag_keep)  # ascending -o = descending o
-    return cols, n_cols, -neg_offs, n_diag
+    v_w = max(1, min(s, max(p.vertical, p.sink_columns)))
+    d_w = max(1, min(s, max(p.slash, p.local_diagonals)))
+    big = 2**62
+    cols = torch.full((h, v_w), big, dtype=torch.long, device=q.device)
+    offs = torch.full((h, d_w), big, dtype=torch.long, device=q.device)
+    n_cols = torch.zeros(h, dtype=torch.long, device=q.device)
+    n_diag = torch.zeros(h, dtype=torch.long, device=q.device)
+    per = max(1, _SCORE_ELEMS // max(1, s))
+    for h0 in range(0, h, per):
+        hs = slice(h0, min(h, h0 + per))
+        vert, slash = estimate.vertical_slash_scores(q[tq - n_probe:, hs], k, kv_heads[hs], q_pos, scale)  # [h, S]
+        col_keep, n_cols[hs] = estimate.topk_forced(vert, p.vertical, forced=pos < p.sink_columns)
+        del vert
+        # every offset 0..S-1 occurs (the last probe sits at S-1), so all diagonals are candidates
+        diag_keep, n_diag[hs] = estimate.topk_forced(slash, p.slash, forced=pos < p.local_diagonals)
+        del slash
+        cols[hs] = compact(pos.expand_as(col_keep), col_keep)[0][:, :v_w]
+        offs[hs] = -compact(-pos.expand_as(diag_keep), diag_keep)[0][:, :d_w]  # ascending -o = descending o
+    return cols, n_cols, offs, n_diag
 
 
-_CHUNK_ITEMS = 1 << 22  # (head, block, diagonal) triples per pass: bounds memory at long lengths
+_CHUNK_ITEMS = 1 << 20  # (head, block, diagonal) triples per pass: bounds memory at long lengths
 
 
 def _blocks(cols, n_cols, offs, n_diag, bs, be, block_m: int):
     """Ranges and columns of the query blocks ``[bs, be)`` (each ``[NQB']``)."""
     dev = cols.device
     d_live = (torch.arange(offs.shape[1], device=dev) < n_diag[:, None])[:, None, :]  # [H, 1, Sd]
-    ends = be.view(1, -1, 1) - offs[:, None, :]  # [H, NQB', Sd], ascending along Sd
+    ends = be.view(1, -1, 1) - torch.where(d_live[:, 0], offs, 0)[:, None, :]  # [H, NQB', Sd], ascending
     starts = (ends - block_m).clamp(min=0)
-    rs, re, rc = merge_intervals(starts, ends, d_live & (ends > 0))
+    rs, re, rc = merge_intervals(starts, ends, d_live & (ends > 0), presorted=True)
     c_live = (torch.arange(cols.shape[1], device=dev) < n_cols[:, None])[:, None, :]
     cols_b = cols[:, None, :].expand(-1, bs.shape[0], -1)
     c_cols, cc = drop_covered(cols_b, c_live & (cols_b < be.view(1, -1, 1)), rs, re, rc)
-    return rs, re, rc, c_cols, cc
+    return rs.to(torch.int32), re.to(torch.int32), rc, c_cols.to(torch.int32), cc
 
 
-def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, block_m: int) -> SparseIndex:
-    """Turn kept columns and diagonal offsets (see ``select``) into the block index."""
+def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, block_m: int,
+                         fixed: bool | None = None) -> SparseIndex:
+    """Turn kept columns and diagonal offsets (see ``select``) into the block index.
+
+    fixed: keep the budget widths (no host sync; the default on CUDA) instead of trimming them.
+    """
     dev = cols.device
+    fixed = estimate.fixed_shapes(cols) if fixed is None else fixed
     bs, be = block_bounds(q_offset, q_len, block_m, dev)
-    v_w = max(1, int(n_cols.max().item()))
-    d_w = max(1, int(n_diag.max().item()))
-    cols, offs = cols[:, :v_w], offs[:, :d_w]
-    per = max(1, _CHUNK_ITEMS // max(1, cols.shape[0] * max(d_w, v_w)))
+    if not fixed:
+        v_w = max(1, int(n_cols.max().item()))
+        d_w = max(1, int(n_diag.max().item()))
+        cols, offs = cols[:, :v_w], offs[:, :d_w]
+    per = max(1, _CHUNK_ITEMS // max(1, cols.shape[0] * max(offs.shape[1], cols.shape[1])))
     parts = [_blocks(cols, n_cols, offs, n_diag, bs[i:i + per], be[i:i + per], block_m)
              for i in range(0, bs.shape[0], per)]
-    return make_index(*cat_blocks(parts), q_len, q_offset, block_m)
+    return make_index(*cat_blocks(parts), q_len, q_offset, block_m, fixed=fixed)
 
 
 def build_prefill(p: VerticalSlash, inp: PrefillInputs) -> SparseIndex:

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from headwise.patterns import a_shape, block_sparse, elastic_window, hierarchical, strided, vertical_slash
 from headwise.patterns.base import PrefillInputs
 from headwise.patterns.ranges import fast_density
+from headwise.kernels import estimate
+from pattern_legacy import block_sparse_before, hierarchical_before
 from pattern_refs import causal_mask, sink_window_mask, strided_mask, vertical_slash_mask
 
 FAST = settings(max_examples=25, deadline=None)
@@ -261,3 +263,40 @@ def test_vertical_slash_in_block_chunks_equals_one_pass(monkeypatch):
     chunked = vertical_slash.build_prefill(spec, inp)
     chunked.check()
     assert torch.equal(chunked.to_dense_mask(), whole.to_dense_mask())
+
+
+@FAST
+@given(q_lens, offsets, st.integers(1, 6), st.booleans(), st.booleans(), GQA, st.integers(0, 999))
+def test_block_sparse_streamed_equals_the_whole_matrix_builder(q_len, q_offset, top_k, sink, diag, gqa, seed):
+    """Issue 12: the tile-by-tile top-k keeps exactly the blocks the [H, NQB, NKB] version kept."""
+    h, hkv = gqa
+    spec = block_sparse.BlockSparse(top_k=top_k, force_sink=sink, force_diagonal=diag)
+    inp = inputs(q_len, q_offset, h, hkv, seed=seed)
+    want = block_sparse_before(spec, inp)
+    for tile in (1 << 22, 1):  # one tile, and one key block per tile (the streaming merge at every step)
+        monkey = estimate.pooled_score_tiles.__defaults__
+        estimate.pooled_score_tiles.__defaults__ = (None, tile)
+        try:
+            got = block_sparse.build_prefill(spec, inp)
+        finally:
+            estimate.pooled_score_tiles.__defaults__ = monkey
+        got.check()
+        assert torch.equal(got.to_dense_mask(), want.to_dense_mask())
+
+
+HIP_SPECS = [dict(sink=8, window=24, stages=[{"chunk": 16, "budget": 64}, {"chunk": 4, "budget": 16}], refresh=[2, 1]),
+             dict(sink=0, window=1, stages=[{"chunk": 8, "budget": 32}], refresh=[1]),  # one stage, no sink
+             dict(sink=5, window=40, stages=[{"chunk": 32, "budget": 64}, {"chunk": 8, "budget": 32},
+                                             {"chunk": 2, "budget": 8}], refresh=[4, 2, 1])]
+
+
+@FAST
+@given(q_lens, offsets, GQA, st.integers(0, 999), st.sampled_from(HIP_SPECS))
+def test_hierarchical_bounded_equals_the_stored_candidates_builder(q_len, q_offset, gqa, seed, spec):
+    """Issue 12: implicit stage-1 candidates and a host-fixed number of rounds give the same index."""
+    h, hkv = gqa
+    spec = hierarchical.Hierarchical(**spec)
+    inp = inputs(q_len, q_offset, h, hkv, seed=seed)
+    got = hierarchical.build_prefill(spec, inp)
+    got.check()
+    assert torch.equal(got.to_dense_mask(), hierarchical_before(spec, inp).to_dense_mask())
