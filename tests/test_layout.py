@@ -19,7 +19,7 @@ def _imports(path: Path) -> set[str]:
     """Absolute names of every module ``path`` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     rel = path.relative_to(ROOT).with_suffix("")
-    package = ["headwise", *rel.parts[:-1]] if rel.parts[0] in ("kernels", "patterns", "server", "loadtests") \
+    package = ["headwise", *rel.parts[:-1]] if rel.parts[0] in ("kernels", "patterns", "server", "loadtests", "evals") \
         else list(rel.parts[:-1])
     found = set()
     for node in ast.walk(tree):
@@ -46,6 +46,7 @@ RULES = [
     ("patterns", ("headwise.server", "vllm", "transformers"), "above kernels, below server; runs without vLLM"),
     ("server/plugin", ("headwise.server.commands", "headwise.loadtests"), "the plugin room never imports a command"),
     ("server/commands", ("headwise.loadtests",), "loadtests join the CLI through an entry point"),
+    ("server", ("headwise.evals",), "the eval suite joins the CLI through an entry point"),
 ]
 
 

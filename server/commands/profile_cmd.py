@@ -54,10 +54,10 @@ def _log(msg: str) -> None:
 
 def calibration_ids(tokenizer, length: int, index: int, cfg: ProfileConfig):
     """Token ids ``[1, T]`` of one calibration prompt: chat-formatted task + its answer as reply."""
-    from .tasks import make_task
+    from .tasks import calibration_seed, make_task
 
     name = cfg.tasks[index % len(cfg.tasks)]
-    seed = cfg.seed * 1000 + index
+    seed = calibration_seed(cfg.seed, index)
     # the chat template and the reply add tokens around the task: leave room for them
     frame = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content":
                                            "The answer is 1234567."}], tokenize=False)

@@ -22,6 +22,21 @@ _FILLER = (
 _WORDS = ("apple", "river", "stone", "cloud", "maple", "ember", "harbor", "violet", "meadow", "falcon")
 
 
+# The profiler's calibration prompts use seeds from this range only; the eval suite
+# (``headwise.evals.EVAL_SEEDS``) starts at 1,000,000, so the two never share a seed.
+CALIBRATION_SEEDS = range(0, 1_000_000)
+
+
+def calibration_seed(base: int, index: int) -> int:
+    """Seed of calibration prompt ``index`` for ``--seed base``: ``base * 1000 + index``, checked to
+    lie in ``CALIBRATION_SEEDS``."""
+    seed = base * 1000 + index
+    if not 0 <= index < 1000 or seed not in CALIBRATION_SEEDS:
+        raise ValueError(f"calibration seed {seed} (--seed {base}, prompt {index}) is outside "
+                         f"{CALIBRATION_SEEDS.start}..{CALIBRATION_SEEDS.stop - 1}: use --seed below 1000")
+    return seed
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
