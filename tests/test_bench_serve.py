@@ -1,0 +1,33 @@
+"""``bench/serve_cpu.py --quick`` keeps working: real servers (stock, the default plan, stock again),
+the official client, and a results file with every measure and its ratio to stock. A smoke run:
+the figures are not asserted (benchmarks are not tests), only that they exist and make sense."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_serve_benchmark_writes_ratios_for_every_measure(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_cpu.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["label"] for r in data["runs"]] == ["stock", "sparse", "stock-last"]
+    for run in data["runs"]:
+        for row in run["rows"]:
+            assert row["ttft_s"] > 0 and row["itl_s"] > 0 and row["e2e_s"] >= row["ttft_s"]
+            assert all(r["completion_tokens"] == data["config"]["tokens"] for r in row["sequential"] + row["concurrent"])
+            assert abs(row["prompt_tokens"] - row["length"]) < 0.2 * row["length"] + 40  # chat template + nonce
+    ratios = data["ratios"]["sparse"]
+    assert [r["length"] for r in ratios] == data["config"]["lengths"]
+    assert all(set(r) == {"length", "ttft_s", "itl_s", "e2e_s", "concurrent_tok_s"} for r in ratios)
+    assert out.with_suffix(".png").stat().st_size > 0
