@@ -24,6 +24,7 @@ COPY kernels/ kernels/
 COPY patterns/ patterns/
 COPY server/ server/
 COPY loadtests/ loadtests/
+COPY evals/ evals/
 
 # vLLM, torch and triton come with the base image, which installed them with `uv pip --system`;
 # headwise goes in the same way, keeping them and adding only what it needs besides. The embedded

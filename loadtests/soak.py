@@ -1,7 +1,7 @@
 """Soak under memory pressure: long prompts, a KV cache too small for them all, resident memory sampled.
 
 ``python -m headwise.loadtests.soak`` starts ``headwise serve`` with a small KV cache (default
-``--kv-cache-memory-bytes 200M``: about 8.9K tokens of SmolLM2, fewer than two 7K prompts, so vLLM
+``--kv-cache-memory-bytes 400M``: about 17.8K tokens of SmolLM2 in bf16 (8.9K in fp32, the CPU default without native bf16), so vLLM
 must preempt and recompute), then
 
 1. asks every prompt of the load test's pool once, alone: the *unloaded* passkey answers;
@@ -37,7 +37,7 @@ from headwise.loadtests.run import LoadTestConfig, run_loadtest
 SAMPLE_S = 5.0
 MAX_RSS_GROWTH = 0.05
 IDLE_WAIT_S = 180.0
-KV_BYTES = "200M"
+KV_BYTES = "400M"
 METRICS = {  # name in /metrics -> key in the samples
     "vllm:kv_cache_usage_perc": "kv_usage",
     "vllm:num_requests_running": "running",
