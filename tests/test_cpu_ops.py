@@ -1,4 +1,5 @@
-"""Prefill rows on vLLM's CPU attention op (``server/plugin/cpu_ops.py``) against the masked fp32 oracle."""
+"""Prefill rows on vLLM's CPU attention op (``server/plugin/cpu_ops.py``) against the masked fp32 oracle,
+and ``page_index``: the same page-rounded keys as an index (what the transformers integration runs)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _check(index: SparseIndex, seed: int = 0):
     exact, rounded = index.to_dense_mask(), _rounded_mask(index, PAGE)
     assert bool((rounded | ~exact).all()), "page rounding dropped a kept key"
     assert sched.kept_pairs == int(rounded.sum())  # the density the stats report is the rounded one
+    # the same keys as an index: what the transformers integration runs to match the engine
+    assert torch.equal(cpu_ops.page_index(index, PAGE).to_dense_mask(), rounded)
     want, _ = masked_attention_reference(q, k, v, rounded, D ** -0.5)
     # bf16 output: one rounding step of outputs up to ~2 is 7.8e-3 (the largest error measured here)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)

@@ -2,10 +2,12 @@
 
 * The shipped mixed plan (vertical-slash + A-shape prefill, TidalDecode) answers ~2K-token passkey
   prompts that stock attention answers, at an achieved (page-rounded) prefill density of at most 40%.
-* A static plan (S2 strides + A-shape, TidalDecode) gives the same greedy output prefilled whole
-  (``max_num_batched_tokens`` 4096) and in 256-token chunks. One request at a time, so every chunk
-  starts on a 64-query block boundary: the index blocks of both runs are then the same blocks.
-* The transformers integration with that plan gives the engine's prompt logprobs (bf16 noise).
+* A static plan (S2 strides + A-shape, TidalDecode) gives the same greedy output and the same prompt
+  logprobs prefilled whole (``max_num_batched_tokens`` 4096) and in 256-token chunks. One request at a
+  time, so every chunk starts on a 64-query block boundary: the index blocks of both runs are then the
+  same blocks. These runs are fp32: in bf16 vLLM's linear layers round by batch shape, and that noise
+  (single tokens moving by over a nat) would hide a small attention error.
+* The transformers integration with that plan gives the engine's prompt logprobs (fp32 too).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def static_runs(tmp_path_factory):
     plan.write_text(json.dumps(STATIC_PLAN))
     runs = {}
     for name, budget in (("whole", 4096), ("chunked", 256)):
-        with engine(plan, max_num_batched_tokens=budget) as llm:
+        with engine(plan, max_num_batched_tokens=budget, dtype="float32") as llm:
             prompts = [chat_prompt(llm, passkey(llm.get_tokenizer(), 2000, seed=0).prompt),
                        chat_prompt(llm, "Explain in two sentences why the sky is blue.")]
             # one request at a time: chunk boundaries stay on 64-query blocks
@@ -81,13 +83,9 @@ def test_static_plan_chunked_equals_whole(static_runs):
         assert mismatch is None, f"{whole.outputs[0].text!r} vs {chunked.outputs[0].text!r}"
         compared += n
         diffs = prompt_logprob_diffs(whole, chunked)
-        # The attention of both runs is identical here (bf16, checked exactly without an engine in
-        # test_plugin_chunking); what differs is vLLM's linear layers rounding by batch shape, which
-        # this sparse model amplifies ~4x over stock: measured 0.044 / 0.66 / 2.1 (mean / p99 /
-        # max). A misplaced chunk would shift most tokens by nats. Since dense layers run as one op call
-        # over the whole batch (as stock does) and pages are 32 tokens, the ten largest diffs measured
-        # 1.07-1.27+ nats (p99 just over 1.0): still single-token bf16 noise, so p99 <= 1.5, max <= 6.
-        assert logprob_noise_ok(diffs, mean=0.1, p99=1.5, worst=6.0), sorted(diffs)[-10:]
+        # fp32, ~2K-token passkey prompt: measured 0.0000 / 0.0001 / 0.0004 nats (mean / p99 / max).
+        # A misplaced chunk or page moves many tokens by a nat or more.
+        assert logprob_noise_ok(diffs, mean=0.002, p99=0.01, worst=0.05), sorted(diffs)[-10:]
     assert compared >= 16
 
 
@@ -99,7 +97,7 @@ def test_the_transformers_integration_reproduces_the_engine_with_the_same_plan(s
 
     plan = tmp_path / "static.json"
     plan.write_text(json.dumps(STATIC_PLAN))
-    model = hf.load_model(str(resolve_model(None)), "bfloat16", "cpu")
+    model = hf.load_model(str(resolve_model(None)), "float32", "cpu")
 
     def diffs(run) -> list[float]:
         with torch.no_grad():
@@ -107,12 +105,15 @@ def test_the_transformers_integration_reproduces_the_engine_with_the_same_plan(s
         return [abs(logp[i - 1, t].item() - run.prompt_logprobs[i][t].logprob)
                 for i, t in enumerate(run.prompt_token_ids) if i > 0]
 
-    # HF's bf16 linear layers round differently from vLLM's: measured over the ~2K-token passkey
-    # prompt 0.057 / 0.88 / 4.3 nats (mean / p99 / max), and 0.11 mean over the short prompt.
-    # With a dense plan on the HF side instead, the passkey prompt moves 0.62 / 9.2 / 16.9.
+    # fp32 on both sides, the HF side reading the same 32-token pages as the engine's CPU op
+    # (attach_plan's default on CPU): measured 6e-6 / 8e-5 / 6e-4 nats (mean / p99 / max) over the
+    # passkey prompt. Exact indices on the HF side instead: 0.0033 / 0.057 / 0.62; a dense plan on
+    # the HF side: 0.62 / 9.2 / 16.9.
     hf.attach_plan(model, plan)
     for run in static_runs["whole"]:
         d = diffs(run)
-        assert logprob_noise_ok(d, mean=0.2, p99=1.5, worst=8.0), sorted(d)[-10:]
-    hf.attach_plan(model, None)  # the control: another plan is told apart
+        assert logprob_noise_ok(d, mean=0.002, p99=0.01, worst=0.05), sorted(d)[-10:]
+    hf.attach_plan(model, plan, pages=None)  # the controls: exact indices, another plan, are told apart
+    assert not logprob_noise_ok(diffs(static_runs["whole"][0]), mean=0.002, p99=0.01, worst=0.05)
+    hf.attach_plan(model, None)
     assert not logprob_noise_ok(diffs(static_runs["whole"][0]), mean=0.2, p99=1.5, worst=8.0)

@@ -1,7 +1,9 @@
 """The transformers integration (``attn_implementation="headwise"``) on the embedded SmolLM2-135M.
 
 fp32 throughout: the comparisons are between the same maths in different accumulation orders, so
-the tolerances below are fp32 ones (logits of magnitude ~10-30 after 30 layers).
+the tolerances below are fp32 ones (logits of magnitude ~10-30 after 30 layers). Plans run their
+exact indices here (``pages=None``); the page-rounded default on CPU is checked against the engine
+(test_engine_sparse) and against the op's keys (test_cpu_ops).
 """
 
 import pytest
@@ -11,7 +13,7 @@ from headwise.kernels import decode_attention_reference, masked_attention_refere
 from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.plan_errors import PlanError
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.server.plugin import hf
+from headwise.server.plugin import cpu_ops, hf
 from headwise.server.commands.model import read_geometry, resolve_model
 from headwise.server.commands.tasks import make_task
 
@@ -67,7 +69,7 @@ def test_dense_plan_equals_sdpa_including_a_left_padded_batch(model, geometry):
     a, b = _ids(300, 0), _ids(173, 1)  # 173: a partial last query block
     model.set_attn_implementation("sdpa")
     ref_a, ref_b = _logits(model, a), _logits(model, b)
-    runtime = hf.attach_plan(model, dense)
+    runtime = hf.attach_plan(model, dense, pages=None)
     torch.testing.assert_close(_logits(model, a), ref_a, atol=LOGIT_ATOL, rtol=0)
     assert runtime.density()["prefill"] == pytest.approx(1.0)
     # left padding: row 1 holds b after 127 pad tokens; its real positions must match b alone
@@ -79,8 +81,9 @@ def test_dense_plan_equals_sdpa_including_a_left_padded_batch(model, geometry):
     torch.testing.assert_close(both[1, 127:], ref_b[0], atol=LOGIT_ATOL, rtol=0)
 
 
-def _reference_attention(plan: Plan):
-    """Eager attention under the dense mask of the layer's index (batch 1, whole prompt)."""
+def _reference_attention(plan: Plan, pages: int | None = None):
+    """Eager attention under the dense mask of the layer's index (batch 1, whole prompt), rounded
+    up to whole pages of ``pages`` tokens when given."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [S, H, D]
@@ -89,6 +92,8 @@ def _reference_attention(plan: Plan):
         index = build_layer_prefill_index(plan.layer_prefill(module.layer_idx), list(range(hq)), hq, q, k,
                                           torch.arange(hq) // (hq // hkv), 0, s + st.planned_generation,
                                           st.block_size, num_layer_kv_heads=hkv, dense_below=st.dense_below)
+        if pages:
+            index = cpu_ops.page_index(index, pages)
         out, _ = masked_attention_reference(q, k, v, index.to_dense_mask(), scaling)
         return out[None].to(query.dtype), None
 
@@ -111,13 +116,30 @@ def test_sparse_static_plan_equals_the_masked_reference(model, geometry):
     transformers.AttentionInterface.register("headwise_test_reference", _reference_attention(plan))
     model.set_attn_implementation("headwise_test_reference")
     ref = _logits(model, ids)
-    runtime = hf.attach_plan(model, plan)
+    runtime = hf.attach_plan(model, plan, pages=None)
     got = _logits(model, ids)
     torch.testing.assert_close(got, ref, atol=LOGIT_ATOL, rtol=0)
     assert 0.2 < runtime.density()["prefill"] < 0.8  # really sparse, not a dense fallback
     dense = _plan(geometry, settings={"dense_below": 0})
-    hf.attach_plan(model, dense)
+    hf.attach_plan(model, dense, pages=None)
     assert (got - _logits(model, ids)).abs().max() > 0.1  # and the sparsity changes the answer
+
+
+@pytest.mark.skipif(not cpu_ops.available(torch.float32, 64), reason="vLLM's CPU attention op is not here")
+def test_on_cpu_plans_read_the_pages_the_engine_reads(model, geometry):
+    # the default where vLLM's CPU op runs: every prefill index rounded up to 32-token pages
+    plan = _plan(geometry, settings={"dense_below": 0},
+                 default={"prefill": {"type": "a_shape", "sink": 64, "window": 128}}, layers=STATIC_LAYERS)
+    ids = _ids(333, 2)
+    transformers.AttentionInterface.register("headwise_test_pages", _reference_attention(plan, pages=32))
+    model.set_attn_implementation("headwise_test_pages")
+    ref = _logits(model, ids)
+    runtime = hf.attach_plan(model, plan)
+    assert runtime.pages == 32
+    torch.testing.assert_close(_logits(model, ids), ref, atol=LOGIT_ATOL, rtol=0)
+    exact = hf.attach_plan(model, plan, pages=None)
+    _logits(model, ids)
+    assert runtime.density()["prefill"] > exact.density()["prefill"]  # a superset: the rounded density
 
 
 def test_a_prompt_prefilled_in_two_chunks_matches_one_pass(model, geometry):
@@ -128,7 +150,7 @@ def test_a_prompt_prefilled_in_two_chunks_matches_one_pass(model, geometry):
     layers = {"1-9": STATIC_LAYERS["1-9"], "10-19": {"heads": {"0-2": STATIC_LAYERS["10-19"]["heads"]["0-2"]}}}
     plan = _plan(geometry, settings={"dense_below": 0},
                  default={"prefill": {"type": "a_shape", "sink": 16, "window": 64}}, layers=layers)
-    hf.attach_plan(model, plan)
+    hf.attach_plan(model, plan, pages=None)
     ids = _ids(333, 7)
     whole = _logits(model, ids)
     with torch.no_grad():
@@ -145,7 +167,7 @@ DYNAMIC_HEADS = {"0-2": {"prefill": {"type": "vertical_slash", "vertical": 16, "
 @pytest.mark.parametrize("pad", [0, 37])  # no padding; a left-padded row
 def test_one_layer_with_dynamic_patterns_equals_the_masked_reference(model, geometry, pad):
     plan = _plan(geometry, settings={"dense_below": 0}, layers={"4": {"heads": DYNAMIC_HEADS}})
-    hf.attach_plan(model, plan)
+    hf.attach_plan(model, plan, pages=None)
     module = model.model.layers[4].self_attn
     g = torch.Generator().manual_seed(3)
     s, d = 301, geometry.head_dim
@@ -172,7 +194,7 @@ def test_decode_window_and_tidal_read_what_the_plan_says(model, geometry):
                          "1": {"decode": {"type": "window", "sink": 4, "window": 32}},
                          "2": {"decode": {"type": "tidal", "role": "select"}},
                          "3-29": {"heads": {"6-8": {"decode": {"type": "window", "sink": 4, "window": 16}}}}})
-    runtime = hf.attach_plan(model, plan)
+    runtime = hf.attach_plan(model, plan, pages=None)
     seen = {}
     decode = runtime.decode
 
@@ -217,7 +239,7 @@ def test_sparse_plan_finds_a_passkey_greedily_alone_and_in_a_padded_batch(model,
     tasks = [make_task("passkey", tokenizer, 600, seed=0), make_task("passkey", tokenizer, 420, seed=1)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": t.prompt}], add_generation_prompt=True,
                                            tokenize=False) for t in tasks]
-    runtime = hf.attach_plan(model, plan)
+    runtime = hf.attach_plan(model, plan, pages=None)
     enc = tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
@@ -235,11 +257,11 @@ def test_sparse_plan_finds_a_passkey_greedily_alone_and_in_a_padded_batch(model,
 def test_errors_name_what_was_wrong(model, geometry):
     wrong = Plan.from_dict({"model": {**geometry.model_dump(exclude_none=True), "num_heads": 32, "num_kv_heads": 8}})
     with pytest.raises(PlanError, match=r"num_heads: expected 9"):
-        hf.attach_plan(model, wrong)
+        hf.attach_plan(model, wrong, pages=None)
     hf.detach_plan(model)
     with pytest.raises(RuntimeError, match="attach_plan"):
         _logits(model, _ids(10, 5))
-    hf.attach_plan(model, _plan(geometry))
+    hf.attach_plan(model, _plan(geometry), pages=None)
     ids = _ids(12, 6).repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # right padding

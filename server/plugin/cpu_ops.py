@@ -155,6 +155,28 @@ def page_mask(index: SparseIndex, page: int) -> torch.Tensor:
     return mask | own[None]
 
 
+def page_index(index: SparseIndex, page: int) -> SparseIndex:
+    """The index vLLM's op actually computes for ``index``: every page ``page_mask`` marks, as key
+    ranges (causal on top). Hosts without the paged op (the transformers integration) run it to
+    attend to exactly the keys the engine attends to on the same machine."""
+    mask = page_mask(index.to("cpu"), page)  # [H, NQB, P]
+    h, nqb, p = mask.shape
+    prev = torch.nn.functional.pad(mask, (1, 0))[..., :p]
+    nxt = torch.nn.functional.pad(mask, (0, 1))[..., 1:]
+    starts, ends = mask & ~prev, mask & ~nxt
+    count = starts.sum(-1).to(torch.int32)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    pos = torch.arange(p)
+    # positions of the run starts/ends first (sorted), padding after them
+    first = torch.where(starts, pos, p).sort(-1).values[..., :width]
+    last = torch.where(ends, pos + 1, p).sort(-1).values[..., :width]
+    rs = (first * page).clamp(max=index.seq_len)
+    re = (last * page).clamp(max=index.seq_len)
+    empty = torch.zeros(h, nqb, 0, dtype=torch.int32)
+    return SparseIndex(rs, re, count, empty, torch.zeros(h, nqb, dtype=torch.int32), index.q_len,
+                       index.q_offset, index.block_m).to(index.device)
+
+
 def _rows(mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor, page: int, block_row: torch.Tensor):
     """Virtual requests of one head set: ``mask [NQB, P]`` -> (block table of real ids, lengths, qsl)."""
     counts = mask.sum(1)

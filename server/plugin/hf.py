@@ -17,7 +17,8 @@ which hands the layer to the ``HeadwiseRuntime`` that ``attach_plan`` bound to t
   ``reuse`` layers after them read within the same forward.
 
 Same plan, same layer runner (``runner.py``: index and selection building, kernel launch, kept-pair
-counting) as the vLLM backend. Batches may be left-padded: each row
+counting) as the vLLM backend. On CPU the engine's op reads whole 32-token pages (a superset of each
+prefill index); ``attach_plan`` rounds the same way there by default, so both attend to the same keys. Batches may be left-padded: each row
 is cut (prefill) or shifted (decode) so that its first real token sits at position 0, which is
 also what the RoPE positions of ``generate`` assume. Right padding is refused with a message.
 A ``capture`` hook gives the profiler every layer's q/k while attention runs densely.
@@ -35,7 +36,7 @@ from headwise.patterns.plan import Plan, load_plan
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from . import runner
+from . import cpu_ops, runner
 from .plan_binding import PlanBinding
 
 ATTN_NAME = "headwise"
@@ -47,8 +48,9 @@ class HeadwiseRuntime:
     """The plan bound to one model, plus the state one forward needs (TidalDecode, statistics)."""
 
     def __init__(self, plan: Plan | None, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 capture: CaptureFn | None = None):
+                 capture: CaptureFn | None = None, pages: int | None = None):
         self.plan = plan
+        self.pages = pages  # read whole pages of this many tokens, as vLLM's CPU op does (None: exact)
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
         # the plan as one (unsharded) worker sees it: the same layer bindings the vLLM impl runs
         self.binding = PlanBinding(plan) if plan is not None else None
@@ -87,6 +89,8 @@ class HeadwiseRuntime:
             st = self.plan.settings
             index = runner.prefill_index(self.binding.for_layer(layer), st, q, k, s - tq, s + st.planned_generation,
                                          scale, cache=self._static_cache)
+            if self.pages:
+                index = cpu_ops.page_index(index, self.pages)
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal
         self.kept["prefill"] += fast_density(index) * causal
@@ -206,10 +210,13 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
-                capture: CaptureFn | None = None) -> HeadwiseRuntime:
+                capture: CaptureFn | None = None, pages: int | str | None = "auto") -> HeadwiseRuntime:
     """Bind ``plan`` (a ``Plan`` or a path) to every attention layer of ``model``.
 
     ``plan=None`` runs dense attention through the same kernels (the profiler's capture mode).
+    ``pages``: prefill reads whole pages of this many tokens, the superset of each index that
+    vLLM's CPU op computes; ``"auto"`` does so where the engine would (a CPU model whose dtype and
+    head size the op runs: 32-token pages), ``None`` runs every index exactly (the GPU kernels' way).
     The model must have been loaded with ``attn_implementation="headwise"`` (or switched to it).
     Raises ``PlanError`` when the plan was made for another geometry.
     """
@@ -229,7 +236,10 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
                 getattr(config, "head_dim", None) or config.hidden_size // heads)
     if plan is not None:
         plan.check_geometry(*geometry, source=getattr(config, "_name_or_path", None) or "the model")
-    runtime = HeadwiseRuntime(plan, *geometry, capture=capture)
+    if pages == "auto":
+        param = next(model.parameters())
+        pages = 32 if param.device.type == "cpu" and cpu_ops.available(param.dtype, geometry[3]) else None
+    runtime = HeadwiseRuntime(plan, *geometry, capture=capture, pages=pages)
     modules = _attention_modules(model)
     if len(modules) != geometry[0]:
         raise ValueError(f"attach_plan: found {len(modules)} attention modules with a layer_idx, expected "
