@@ -83,6 +83,16 @@ def test_show_prints_one_row_per_layer_and_the_total(capsys):
     assert "expected density at 2048 tokens" in out and lines[-1].split()[0] == "all"
 
 
+@pytest.mark.parametrize("length,said", [("1e17", "expected a whole number of tokens, found '1e17'"),
+                                         (str(10**17), "expected 1..1099511627776 tokens, found 100000000000000000"),
+                                         ("0", "expected 1..")])
+def test_show_rejects_a_length_out_of_range_by_name(capsys, length, said):
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "plan", "show", str(SPARSE), "--length", length)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --length" in err and said in err
+
+
 def test_show_rejects_a_broken_plan_with_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{")

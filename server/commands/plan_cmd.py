@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from headwise.patterns.plan import Plan, PlanError, load_plan
+from headwise.patterns.plan import MAX_SUMMARY_LENGTH, Plan, PlanError, load_plan
 
 EXIT_INVALID = 2
 
@@ -115,9 +115,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, found {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, found {text!r}") from None
+    if not 1 <= value <= MAX_SUMMARY_LENGTH:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_SUMMARY_LENGTH} tokens, found {value}")
     return value
 
 
