@@ -102,8 +102,7 @@ def planted(s: int, dev, g: torch.Generator):
     return k.to(dev, torch.bfloat16), u
 
 
-def prefill_rows(contexts, chunk, repeats, dev, g):
-    rows = []
+def prefill_rows(contexts, chunk, repeats, dev, g, rows: list, save=lambda: None):
     for s in contexts:
         k, u = planted(s, dev, g)
         q = (torch.randn(chunk, H, D, generator=g).mul_(0.3) + u).to(dev, torch.bfloat16)
@@ -114,12 +113,12 @@ def prefill_rows(contexts, chunk, repeats, dev, g):
             dt, peak = measure(lambda: mod.build_prefill(spec, inp), repeats)
             rows.append(dict(family=name, context=s, chunk=chunk, seconds=dt, peak_extra_bytes=peak))
             print(f"prefill {name:15s} S={s:>8d}  {dt * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB", flush=True)
+            save()
         del k, q
     return rows
 
 
-def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens):
-    rows = []
+def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens, rows: list, save=lambda: None):
     bsz = 16
     for s in contexts:
         for b in batches:
@@ -164,6 +163,7 @@ def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens):
                 rows.append(dict(family=name, context=s, batch=b, seconds=dt, peak_extra_bytes=peak,
                                  fraction_of_dense=dt / dt_dense, shared_cache=shared))
                 print(f"decode  {name:20s} S={s:>8d} B={b:<3d} {dt * 1e3:9.2f} ms  {dt / dt_dense:6.1%} of dense", flush=True)
+                save()
             del k_cache, summ, kc, kd
     return rows
 
@@ -191,18 +191,26 @@ def main(argv=None) -> int:
         pre = [int(x) for x in a.contexts.split(",")]
         dec = [int(x) for x in a.decode_contexts.split(",")]
         chunk, batches, reps = 8192, [1, 16], a.repeats
-    rows = prefill_rows(pre, chunk, reps, dev, g)
-    drows = decode_rows(dec, batches, reps, dev, g, max_cache_tokens=16 * 131072 if dev == "cpu" else 1 << 40)
+    rows, drows = [], []
     res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
-               torch=torch.__version__, python=sys.version.split()[0], quick=a.quick,
+               torch=torch.__version__, python=sys.version.split()[0], quick=a.quick, complete=False,
                geometry=dict(heads=H, kv_heads=HKV, head_dim=D), memory_method=(
                    "cuda max_memory_allocated" if dev == "cuda" else "TorchDispatchMode live storage bytes"),
-               prefill=rows, decode=drows,
-               slope_128k_1m={f: slope(rows, f, 131072, 1048576) for f in PREFILL})
+               prefill=rows, decode=drows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "index_scale_quick" if a.quick else f"index_scale_{dev}"
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+
+    def save() -> None:  # after every row: a run cut short still leaves what it measured
+        res["slope_128k_1m"] = {f: slope(rows, f, 131072, 1048576) for f in PREFILL}
+        tmp = out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(out / f"{name}.json")
+
+    prefill_rows(pre, chunk, reps, dev, g, rows, save)
+    decode_rows(dec, batches, reps, dev, g, 16 * 131072 if dev == "cpu" else 1 << 40, drows, save)
+    res["complete"] = True
+    save()
     try:
         import matplotlib
 
