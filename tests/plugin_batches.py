@@ -131,9 +131,9 @@ def make_backend(plan: Plan, tmp_path, max_num_seqs: int = 8):
 
 
 def run_layer(impl: HeadwiseImpl, layer: int, step: Step, md, query: torch.Tensor, write: bool = True):
+    attn = Layer(layer_name=f"model.layers.{layer}.self_attn.attn")  # vLLM passes its layer to both calls
     if write:
-        impl.do_kv_cache_update(None, step.key, step.value, step.kv_cache, step.slot_mapping)
+        impl.do_kv_cache_update(attn, step.key, step.value, step.kv_cache, step.slot_mapping)
     out = torch.full((step.num_tokens, HQ, D), float("nan"))
-    impl.forward(Layer(layer_name=f"model.layers.{layer}.self_attn.attn"), query, step.key, step.value,
-                 step.kv_cache, md, out)
+    impl.forward(attn, query, step.key, step.value, step.kv_cache, md, out)
     return out

@@ -12,7 +12,8 @@ static index and every op schedule; per layer this module only
   (the call stock vLLM makes: dense attention costs what it costs stock);
 * decode rows: dense layers straight to vLLM's op; otherwise one ``DecodeSelection`` for the
   layer's local heads (``build_layer_decode_selection``, which also writes/reads the TidalDecode
-  buffer) and one batched decode call;
+  buffer and reads the Quest page summaries this impl keeps up to date as K is written) and one
+  batched decode call;
 * prefill rows: the step's static work for the layer's signature, or, for patterns that estimate
   from q and k, the index built here from this layer's queries and the request's cached keys;
   then vLLM's op over the cache pages (CPU) or the sparse prefill kernel.
@@ -23,11 +24,13 @@ can swap in recording fakes (Triton on CUDA, torch on CPU, vLLM's op on CPU wher
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
+from headwise.kernels.decode_select import PageSummaries, update_page_summaries
 from headwise.kernels.index import DecodeMode
 
 from . import cpu_ops, runner
@@ -74,17 +77,38 @@ class HeadwiseImpl(AttentionImpl):
         self.layer: LayerBinding | None = None
         self._cache_ok: bool | None = None  # vLLM's CPU op can read this layer's cache (fixed per layer)
         self._views: tuple | None = None  # (cache, K pages, V pages) for vLLM's op
+        # Quest page key min/max beside this layer's cache (page_topk layers only), kept as K is written
+        self._summaries: tuple[torch.Tensor, PageSummaries] | None = None
 
     # ------------------------------------------------------------------ KV cache
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
         # key, value: [T, Hkv, D]; kv_cache: [num_blocks, Hkv, block_size, 2D]
+        n = min(key.shape[0], slot_mapping.shape[0])
         if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
-            n = min(key.shape[0], slot_mapping.shape[0])
             k_pages, v_pages = self._page_views(kv_cache)
             cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n])
-            return
-        write_kv(key, value, kv_cache, slot_mapping)
+        else:
+            write_kv(key, value, kv_cache, slot_mapping)
+        summaries = self._page_summaries(layer, kv_cache)
+        if summaries is not None and n:
+            update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
+
+    def _page_summaries(self, layer, kv_cache: torch.Tensor) -> PageSummaries | None:
+        """This layer's Quest summaries, made at its first write when some head decodes with
+        page_topk: per unit of gcd(page sizes, block size) slots and KV head, the keys' min/max,
+        in the cache's dtype (1/16 of the layer's KV bytes at 16-token pages, outside vLLM's budget)."""
+        if self._summaries is not None and self._summaries[0] is kv_cache:
+            return self._summaries[1]
+        lb = self.layer or (self.bind(layer.layer_name) if layer is not None else None)
+        pages = [s.page_size for s in lb.decode_specs if s.type == "page_topk"] if lb is not None else []
+        if not pages or kv_cache.numel() == 0:
+            return None
+        nb, hkv, bs, d2 = kv_cache.shape
+        summaries = PageSummaries.empty(nb, bs, math.gcd(*pages), hkv, d2 // 2, dtype=kv_cache.dtype,
+                                        device=kv_cache.device)
+        self._summaries = (kv_cache, summaries)
+        return summaries
 
     # ------------------------------------------------------------------ forward
     def bind(self, layer_name: str) -> LayerBinding:
@@ -129,8 +153,10 @@ class HeadwiseImpl(AttentionImpl):
             # a dense layer needs no selection: straight to vLLM's op (stats: recorded by the builder)
             output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
             return
+        summaries = self._summaries[1] if self._summaries is not None and self._summaries[0] is kv_cache else None
         sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,
-                                      md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal)
+                                      md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal,
+                                      page_summaries=summaries)
         if op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all()):  # every row reads every token
             out = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
         else:

@@ -48,14 +48,16 @@ def prefill_index(lb: LayerBinding, settings, q: torch.Tensor | None, k: torch.T
 
 
 def decode_selection(lb: LayerBinding, settings, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, total_lens: torch.Tensor, scale: float, tidal=None) -> DecodeSelection:
+                     seq_lens: torch.Tensor, total_lens: torch.Tensor, scale: float, tidal=None,
+                     page_summaries=None) -> DecodeSelection:
     """The layer's selection for a batch of decode rows. q: ``[B, Hq_local, D]``; ``k_cache``
     ``[blocks, Hkv_local, block_size, D]`` read through ``block_table`` ``[B, max_blocks]``. When
-    every head of a GQA group selects the same tokens the rows are per KV head (``[B, Hkv]``)."""
+    every head of a GQA group selects the same tokens the rows are per KV head (``[B, Hkv]``).
+    ``page_summaries``: the layer's Quest min/max kept beside the cache (None: recomputed)."""
     sel = build_layer_decode_selection(
         lb.decode_specs, lb.heads, lb.num_layer_heads, q, k_cache, block_table, seq_lens, total_lens,
         lb.kv_heads.to(q.device), scale=scale, num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=tidal,
-        tidal_top_k=settings.tidal_top_k, dense_below=settings.dense_below)
+        tidal_top_k=settings.tidal_top_k, dense_below=settings.dense_below, page_summaries=page_summaries)
     if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
         sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
     return sel
