@@ -1,7 +1,11 @@
 """Sparse plans in a real vLLM CPU engine: accuracy with the shipped plan, chunking with a static one.
 
-* The shipped mixed plan (vertical-slash + A-shape prefill, TidalDecode) answers ~2K-token passkey
-  prompts that stock attention answers, at an achieved (page-rounded) prefill density of at most 40%.
+* The shipped mixed plan (vertical-slash + A-shape prefill, TidalDecode) runs sparse in the engine at an
+  achieved (page-rounded) prefill density of at most 40%, and the engine's greedy answers to ~2K-token
+  passkey prompts are the transformers integration's with the same plan (estimated patterns and
+  TidalDecode included). Whether the plan answers what stock answers is the eval suite's question
+  (``headwise eval``), not a test's: its own description says it loses passkeys, and it does (first
+  evaluation seed at 2K: "2147" for 21474).
 * A static plan (S2 strides + A-shape, TidalDecode) gives the same greedy output and the same prompt
   logprobs prefilled whole (``max_num_batched_tokens`` 4096) and in 256-token chunks. One request at a
   time, so every chunk starts on a 64-query block boundary: the index blocks of both runs are then the
@@ -17,12 +21,13 @@ import time
 
 import pytest
 
-from engine_util import (PLANS, agreeing_prefix, chat_prompt, engine, greedy, logprob_noise_ok,
+from engine_util import (PLANS, TIE_NATS, agreeing_prefix, chat_prompt, engine, greedy, logprob_noise_ok,
                          prompt_logprob_diffs)
 
 pytestmark = pytest.mark.engine
 
-SEEDS = (0, 1)  # passkey prompts stock answers (seed 2 is lost by the shipped plan: see plugin-status)
+SEEDS = (1_000_000, 1_000_001)  # the first two evaluation seeds (never calibration ones), not picked
+GEN = 12
 STATIC_PLAN = {
     "description": "test plan: static prefill patterns only (chunking must not change the result)",
     "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
@@ -37,14 +42,25 @@ STATIC_PLAN = {
 }
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def near_tie(step_logprobs) -> bool:
+    top = sorted((lp.logprob for lp in step_logprobs.values()), reverse=True)
+    return len(top) >= 2 and top[0] - top[1] < TIE_NATS
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from headwise.server.plugin.stats import read_stats
     from headwise.server.commands.tasks import passkey
 
-    with engine(PLANS / "mixed.json") as llm:
+    # one prefill chunk per prompt, as the transformers integration runs it: the vertical-slash
+    # estimate looks at the chunk's last queries, so another chunking would (by design) change it
+    with engine(PLANS / "mixed.json", max_num_batched_tokens=4096) as llm:
         tasks = [passkey(llm.get_tokenizer(), 2000, seed=s) for s in SEEDS]
-        outs = llm.generate([chat_prompt(llm, t.prompt) for t in tasks], greedy(12), use_tqdm=False)
+        outs = llm.generate([chat_prompt(llm, t.prompt) for t in tasks], greedy(GEN), use_tqdm=False)
         time.sleep(1.2)  # workers publish at most every 0.5 s
         return tasks, outs, read_stats(llm.headwise_stats_dir)
 
@@ -57,7 +73,7 @@ def static_runs(tmp_path_factory):
     plan.write_text(json.dumps(STATIC_PLAN))
     runs = {}
     for name, budget in (("whole", 4096), ("chunked", 256)):
-        with engine(plan, max_num_batched_tokens=budget, dtype="float32") as llm:
+        with engine(plan, max_num_batched_tokens=budget) as llm:  # fp32 (BASE_KW)
             prompts = [chat_prompt(llm, passkey(llm.get_tokenizer(), 2000, seed=0).prompt),
                        chat_prompt(llm, "Explain in two sentences why the sky is blue.")]
             # one request at a time: chunk boundaries stay on 64-query blocks
@@ -65,15 +81,32 @@ def static_runs(tmp_path_factory):
     return runs
 
 
-def test_shipped_mixed_plan_answers_passkeys_at_low_density(shipped):
+def test_shipped_mixed_plan_runs_sparse_at_low_density_as_the_transformers_integration_does(shipped):
+    import torch
+
+    from headwise.server.commands.model import resolve_model
+    from headwise.server.plugin import hf
+
     tasks, outs, st = shipped
-    for t, o in zip(tasks, outs):
-        assert t.grade(o.outputs[0].text), f"expected {t.answer}, got {o.outputs[0].text!r}"
+    model = hf.load_model(str(resolve_model(None)), "float32", "cpu")
+    hf.attach_plan(model, PLANS / "mixed.json")  # reads the engine's 32-token pages on CPU (the default)
+    compared = 0
+    for o in outs:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([o.prompt_token_ids]), max_new_tokens=GEN, do_sample=False,
+                                 attention_mask=torch.ones(1, len(o.prompt_token_ids), dtype=torch.long))
+        theirs = ids[0, len(o.prompt_token_ids):].tolist()
+        n = first_difference(o.outputs[0].token_ids, theirs)
+        # they may part only where the engine's top two tokens were a near-tie (fp32 sums in another order)
+        assert n == min(len(theirs), len(o.outputs[0].token_ids)) or near_tie(o.outputs[0].logprobs[n]), \
+            f"token {n}: engine {list(o.outputs[0].token_ids)} ({o.outputs[0].text!r}), transformers {theirs}"
+        compared += n
+    assert compared >= GEN  # not vacuous
     assert st["backend_active"] and st["requests"]["prefill"]["sparse"] >= len(SEEDS)
     # the achieved density is the page-rounded one: vLLM's CPU op reads whole 32-token pages, so vertical
     # lines and unaligned diagonals cost their pages (measured 0.356 at 2K; ~0.30 before rounding)
     assert st["density"]["prefill"] <= 0.40, st["density"]
-    assert st["density"]["decode"] < 0.5  # TidalDecode reads 256 of ~2K tokens outside select layers
+    assert st["density"]["decode"] < 0.5  # TidalDecode reads 512 of ~2K tokens outside select layers
 
 
 def test_static_plan_chunked_equals_whole(static_runs):
