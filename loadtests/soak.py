@@ -36,7 +36,7 @@ from headwise.loadtests.run import LoadTestConfig, run_loadtest
 
 SAMPLE_S = 5.0
 MAX_RSS_GROWTH = 0.05
-IDLE_WAIT_S = 180.0
+IDLE_WAIT_S = 900.0  # the queue left when the load stops drains at the machine's speed
 KV_BYTES = "400M"
 METRICS = {  # name in /metrics -> key in the samples
     "vllm:kv_cache_usage_perc": "kv_usage",
@@ -93,7 +93,7 @@ class Sampler(threading.Thread):
         self.server, self.every_s = server, every_s
         self.samples: list[dict] = []
         self.phase = "warm-up"
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: threading.Thread has a _stop method join() calls
 
     def sample(self) -> dict:
         s = {"t": time.time(), "phase": self.phase, "rss": server_rss(self.server)}
@@ -105,12 +105,12 @@ class Sampler(threading.Thread):
         return s
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.every_s)
+            self._halt.wait(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
 
@@ -193,17 +193,22 @@ def run_soak(users: int, duration_s: int, out: Path, prompt_lengths: str = "1000
                                               duration_s=duration_s, prompt_lengths=prompt_lengths,
                                               max_tokens=max_tokens, out=str(out / "loadtest")), log=log)
         sampler.phase = "after"
-        deadline = time.time() + IDLE_WAIT_S
+        load_end = time.time()
+        deadline = load_end + IDLE_WAIT_S
         while time.time() < deadline:
             now = sampler.sample()
             if now.get("running", 1) == 0 and now.get("waiting", 1) == 0 and now.get("kv_usage", 1) == 0:
                 break
             time.sleep(2)
+        drain_s = time.time() - load_end
+        log(f"soak: load stopped; the server was idle after {drain_s:.0f}s")
         time.sleep(2 * SAMPLE_S)  # a few idle samples for the curve
         end = sampler.sample()
     finally:
-        sampler.stop()
-        server.stop()
+        try:
+            sampler.stop()
+        finally:
+            server.stop()  # whatever failed above, the server never outlives the soak
     left = server.group_alive()
     samples_path = out / "loadtest" / "samples.jsonl"
     loaded = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
@@ -233,6 +238,7 @@ def run_soak(users: int, duration_s: int, out: Path, prompt_lengths: str = "1000
                     "under_load_requests": len(ok), "under_load_accuracy": achieved,
                     "unloaded_accuracy_same_prompts": expected, "requests_differing_from_unloaded": differ},
         "preemptions": end.get("preemptions", 0) - warm.get("preemptions", 0),
+        "drain_after_load_s": drain_s,
         "kv_usage_max_under_load": max((s.get("kv_usage", 0) for s in load_samples), default=None),
         "waiting_max_under_load": max((s.get("waiting", 0) for s in load_samples), default=None),
         "rss_bytes": {"after_unloaded_pass": warm["rss"], "after_run": end["rss"],
