@@ -135,3 +135,27 @@ def prompt_logprob_diffs(a, b) -> list[float]:
     for tok, la, lb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
         out.append(abs(la[tok].logprob - lb[tok].logprob))
     return out
+
+
+def agrees_with_transformers(plan, outs, max_tokens: int) -> list[int]:
+    """Greedy tokens of each engine ``RequestOutput`` against the transformers integration with the
+    same plan (fp32; on CPU it reads the engine's 32-token pages). They may part only where the
+    engine's top two tokens were a near-tie. Returns the tokens that agree, per output."""
+    import torch
+
+    from headwise.server.commands.model import resolve_model
+    from headwise.server.plugin import hf
+
+    model = hf.load_model(str(resolve_model(None)), "float32", "cpu")
+    hf.attach_plan(model, plan)
+    agreed = []
+    for o in outs:
+        ids = torch.tensor([o.prompt_token_ids])
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+        theirs, ours = gen[0, ids.shape[1]:].tolist(), list(o.outputs[0].token_ids)
+        n = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+        assert n == min(len(ours), len(theirs)) or _is_tie(o.outputs[0].logprobs[n]), \
+            f"token {n}: engine {ours} ({o.outputs[0].text!r}), transformers {theirs}"
+        agreed.append(n)
+    return agreed
