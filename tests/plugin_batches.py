@@ -11,6 +11,8 @@ reads, KV writes and routing are all checked against an independent path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import pytest
 from types import SimpleNamespace
 
 import torch
@@ -23,6 +25,7 @@ from headwise.server.plugin.metadata import HeadwiseMetadataBuilder
 from headwise.server.plugin.kv_cache import split_kv
 from headwise.server.plugin.impl import HeadwiseImpl
 from headwise.server.plugin.plan_binding import PlanBinding
+from headwise.server.plugin import stats
 
 HQ, HKV, D, BS = 6, 2, 32, 16  # GQA group of 3; small head dim and block size keep tests fast
 SCALE = D**-0.5
@@ -137,3 +140,12 @@ def run_layer(impl: HeadwiseImpl, layer: int, step: Step, md, query: torch.Tenso
     out = torch.full((step.num_tokens, HQ, D), float("nan"))
     impl.forward(attn, query, step.key, step.value, step.kv_cache, md, out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_recorder(monkeypatch):
+    """Each test's builder makes its own stats recorder (import this fixture into the test module)."""
+    monkeypatch.setattr(stats, "_RECORDER", None)
+    yield
+    if stats._RECORDER is not None:
+        stats._RECORDER.stop()

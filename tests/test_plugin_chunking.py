@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.server.plugin import stats
 from plugin_batches import D, HKV, HQ, Req, Step, make_backend, make_plan, run_layer
+from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 def static_plan(dense_below: int = 0):
     return make_plan({"type": "a_shape", "sink": 16, "window": 64}, {"type": "dense"}, num_layers=3,
@@ -27,14 +27,6 @@ def static_plan(dense_below: int = 0):
 
 STATIC = static_plan()
 N = 300  # not a multiple of the 64-query block: the last block is partial in both runs
-
-
-@pytest.fixture(autouse=True)
-def fresh_recorder(monkeypatch):
-    monkeypatch.setattr(stats, "_RECORDER", None)
-    yield
-    if stats._RECORDER is not None:
-        stats._RECORDER.stop()
 
 
 def _prefill(tmp_path, plan, chunk: int, k, v, q) -> torch.Tensor:

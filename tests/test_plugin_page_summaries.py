@@ -12,19 +12,11 @@ import pytest
 import torch
 
 from headwise.kernels import decode_select
-from headwise.server.plugin import stats
 from headwise.server.plugin.kv_cache import split_kv
 from plugin_batches import BS, HKV, Req, Step, make_backend, make_plan, run_layer
+from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 QUEST = {"type": "page_topk", "page_size": 8, "budget": 24}  # 3 of up to 10 pages: really sparse
-
-
-@pytest.fixture(autouse=True)
-def fresh_recorder(monkeypatch):
-    monkeypatch.setattr(stats, "_RECORDER", None)
-    yield
-    if stats._RECORDER is not None:
-        stats._RECORDER.stop()
 
 
 def _recomputed(kv_cache, block_table, lens, page):

@@ -25,6 +25,7 @@ from headwise.server.plugin import cpu_ops
 from headwise.server.plugin import impl as impl_mod
 from headwise.server.plugin import stats
 from plugin_batches import D, HQ, HKV, SCALE, Req, Step, make_backend, make_plan, run_layer
+from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 DENSE = {"type": "dense"}
 ATOL = 1e-4
@@ -46,14 +47,6 @@ class Recorder:
 
     def kinds(self) -> list[str]:
         return [k for k, _ in self.calls]
-
-
-@pytest.fixture(autouse=True)
-def fresh_recorder(monkeypatch):
-    monkeypatch.setattr(stats, "_RECORDER", None)  # each test's builder makes its own
-    yield
-    if stats._RECORDER is not None:
-        stats._RECORDER.stop()
 
 
 @pytest.fixture
