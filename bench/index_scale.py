@@ -29,11 +29,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from headwise.kernels.decode_select import PageSummaries, update_page_summaries
-from headwise.patterns import block_sparse, hierarchical, strided, vertical_slash
+from headwise.patterns import block_sparse, hierarchical, hierarchical_decode, page_topk, strided, vertical_slash
 from headwise.patterns.base import DecodeInputs, PrefillInputs
 from headwise.patterns.hierarchical import Hierarchical
-from headwise.patterns.page_topk import PageTopK
-from headwise.patterns.tidal import Tidal, choose
+from headwise.patterns.tidal import choose
 
 H, HKV, D = 32, 8, 128
 PREFILL = {
@@ -143,9 +142,8 @@ def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens, rows: list
             hip = Hierarchical()
             cases = {
                 "tidal_select": lambda: choose(q, inp, 256),
-                "page_topk": lambda: PREFILL and __import__("headwise.patterns.page_topk", fromlist=["x"]).select_decode(
-                    PageTopK(budget=1024), inp),
-                "hierarchical_refresh_amortised": lambda: hierarchical.select_decode(hip, inp, torch.arange(H)),
+                "page_topk": lambda: page_topk.select_decode(page_topk.PageTopK(budget=1024), inp),
+                "hierarchical_refresh_amortised": lambda: hierarchical_decode.select_decode(hip, inp, torch.arange(H)),
                 "strided": lambda: strided.select_decode(strided.Strided(), inp),
             }
             kc = k_cache.transpose(1, 2).reshape(n_req, nblk * bsz, HKV, D)[:, :s]

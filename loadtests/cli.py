@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from headwise.loadtests.run import config_from_args, run_loadtest
+    from headwise.loadtests.run import config_from_args, exit_on_sigterm, run_loadtest
 
+    exit_on_sigterm()  # a stopped load test stops the server it started and its locust
     try:
         summary = run_loadtest(config_from_args(args), log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as exc:

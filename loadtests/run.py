@@ -137,6 +137,18 @@ def _run_locust(cfg: LoadTestConfig, host: str, out: Path, log) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return -9
+        finally:  # interrupted (Ctrl-C, SIGTERM): locust must not go on loading the server alone
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so that every ``finally`` stops what it started (servers, locust)."""
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def run_loadtest(cfg: LoadTestConfig, log=print) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import requests
 
-from headwise.loadtests.run import LoadTestConfig, run_loadtest
+from headwise.loadtests.run import LoadTestConfig, exit_on_sigterm, run_loadtest
 
 SAMPLE_S = 5.0
 MAX_RSS_GROWTH = 0.05
@@ -118,8 +118,12 @@ class Sampler(threading.Thread):
         self.join(timeout=30)
 
 
-def unloaded_answers(url: str, lengths: list[int], max_tokens: int) -> dict[str, bool]:
-    """Every prompt of the load test's pool (same builder, same seeds) asked once, alone: answer -> correct."""
+def unloaded_answers(url: str, lengths: list[int], max_tokens: int) -> dict[tuple[int, str], bool]:
+    """Every prompt of the load test's pool (same builder, same seeds) asked once, alone.
+
+    Keyed ``(target length, pass key)``: the key comes from the seed alone, so the same seed hides
+    the same key at every length, and only the pair names one prompt.
+    """
     from headwise.loadtests.mix import PROMPTS_PER_LENGTH, RemoteTokenizer
     from headwise.server.commands.tasks import passkey
 
@@ -133,7 +137,7 @@ def unloaded_answers(url: str, lengths: list[int], max_tokens: int) -> dict[str,
                     "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
             r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
             r.raise_for_status()
-            answers[item.answer] = item.grade(r.json()["choices"][0]["message"]["content"])
+            answers[(n, item.answer)] = item.grade(r.json()["choices"][0]["message"]["content"])
     return answers
 
 
@@ -216,10 +220,13 @@ def run_soak(users: int, duration_s: int, out: Path, prompt_lengths: str = "1000
     left = server.group_alive()
     samples_path = out / "loadtest" / "samples.jsonl"
     loaded = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
-    ok = [s for s in loaded if s["ok"] and s.get("answer") in unloaded]
-    expected = sum(unloaded[s["answer"]] for s in ok) / len(ok) if ok else None
+    def prompt(s: dict) -> tuple[int, str]:
+        return (s["target_tokens"], s.get("answer"))
+
+    ok = [s for s in loaded if s["ok"] and prompt(s) in unloaded]
+    expected = sum(unloaded[prompt(s)] for s in ok) / len(ok) if ok else None
     achieved = sum(bool(s["correct"]) for s in ok) / len(ok) if ok else None
-    differ = sum(bool(s["correct"]) != unloaded[s["answer"]] for s in ok)
+    differ = sum(bool(s["correct"]) != unloaded[prompt(s)] for s in ok)
     warm_rss, end_rss = _total(warm["rss"]), _total(end["rss"])
     growth = end_rss / warm_rss - 1 if warm_rss else None
     load_samples = [s for s in sampler.samples if s["phase"] == "load"]
@@ -240,7 +247,8 @@ def run_soak(users: int, duration_s: int, out: Path, prompt_lengths: str = "1000
         "requests": summary["requests"], "failures": summary["failures"], "errors": summary["errors"],
         "passkey": {"unloaded_prompts": len(unloaded), "unloaded_correct": sum(unloaded.values()),
                     "under_load_requests": len(ok), "under_load_accuracy": achieved,
-                    "unloaded_accuracy_same_prompts": expected, "requests_differing_from_unloaded": differ},
+                    "unloaded_accuracy_same_prompts": expected, "requests_differing_from_unloaded": differ,
+                    "unloaded": {f"{n}:{key}": right for (n, key), right in sorted(unloaded.items())}},
         "preemptions": end.get("preemptions", 0) - warm.get("preemptions", 0),
         "drain_after_load_s": drain_s,
         "kv_usage_max_under_load": max((s.get("kv_usage", 0) for s in load_samples), default=None),
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-memory-bytes", default=KV_BYTES)
     p.add_argument("--out", default="loadtests/results/soak")
     args = p.parse_args(argv)
+    exit_on_sigterm()  # a stopped soak stops its server and its locust
     result = run_soak(args.users, args.duration, Path(args.out), args.prompt_lengths, args.max_tokens,
                       args.kv_cache_memory_bytes, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0 if result["passed"] else 1

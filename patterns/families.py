@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import a_shape, block_sparse, dense, elastic_window, hierarchical, page_topk, strided, tidal, vertical_slash, window
+from . import (a_shape, block_sparse, dense, elastic_window, hierarchical, hierarchical_decode, page_topk, strided, tidal,
+               vertical_slash, window)
 
 PREFILL: dict[str, ModuleType] = {
     "dense": dense,
@@ -28,7 +29,7 @@ DECODE: dict[str, ModuleType] = {
     "tidal": tidal,
     "page_topk": page_topk,
     "strided": strided,
-    "hierarchical": hierarchical,
+    "hierarchical": hierarchical_decode,  # HiP's refreshed decode mask builds on the prefill stages
 }
 
 # Prefill patterns whose index depends only on positions: built once per step, shared by layers.

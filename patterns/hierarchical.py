@@ -112,7 +112,6 @@ def split_units(cand: torch.Tensor, cand_n: torch.Tensor, chunk: int, sub: int, 
 def select_units(p: Hierarchical, score, lo: int, limit: torch.Tensor, max_limit: int, rows: tuple):
     """All stages for rows whose candidate region is ``[lo, limit)``; ``max_limit`` bounds ``limit``
     on the host. Returns the last stage's unit starts ``[*rows, keep]``, counts, and its chunk."""
-    dev = limit.device
     c0 = p.stages[0].chunk
     lim = limit.expand(*rows, 1)
     cand_n = (((lim - lo).clamp(min=0) + c0 - 1) // c0)[..., 0]
@@ -163,7 +162,3 @@ def build_prefill(p: Hierarchical, inp: PrefillInputs) -> SparseIndex:
 def expected_density(p: Hierarchical, length: int, ctx: DensityContext = DensityContext()) -> float:
     """Each query keeps at most sink + window + the last stage's budget keys."""
     return density.density_for_keys(p.sink + p.window + ctx.block_m + p.stages[-1].budget, length)
-
-
-# decode (HiP's refreshed mask) lives beside it; imported last: it builds on the stages above
-from .hierarchical_decode import HipDecodeState, expected_decode_density, select_decode  # noqa: E402,F401

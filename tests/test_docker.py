@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from headwise.patterns.plan import load_plan
-from headwise.server.commands import serve
+from headwise.server.commands import launch
 from headwise.server.commands.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,8 @@ def _documented_in_dockerfile() -> list[str]:
 
 def test_the_embedded_default_plan_is_where_the_image_looks():
     env = [args for word, args in _instructions() if word == "ENV"]
-    assert any(f"{serve.ENV_CONFIGS}=/plans" in e for e in env)
-    assert (ROOT / "configs" / serve.DEFAULT_PLAN).is_file()
+    assert any(f"{launch.ENV_CONFIGS}=/plans" in e for e in env)
+    assert (ROOT / "configs" / launch.DEFAULT_PLAN).is_file()
 
 
 # ------------------------------------------------------------------------ .dockerignore

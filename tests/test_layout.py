@@ -78,3 +78,44 @@ def test_headwise_environment_is_read_in_one_module():
                 if '"HEADWISE_' in code or "'HEADWISE_" in code:
                     offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(["headwise", *(p for p in rel.parts if p != "__init__")])
+
+
+def _module_edges(path: Path, modules: set[str]) -> set[str]:
+    """The headwise modules ``path`` imports: ``from P import x`` goes to ``P.x`` when that is a
+    module, else to ``P`` (so ``from . import x`` inside a package is no edge to the package)."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module or ""
+            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_module_imports_itself_back():
+    """No import circle among headwise's modules (lazy imports inside functions included): a circle
+    means two files are one piece of code cut in the wrong place; shared names go to a module below
+    both."""
+    paths = {_module_name(p): p for f in ("kernels", "patterns", "server", "loadtests", "evals") for p in _modules(f)}
+    graph = {m: _module_edges(p, set(paths)) for m, p in paths.items()}
+    circles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    circles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not circles, "import circles:\n" + "\n".join(sorted(set(circles)))

@@ -19,7 +19,8 @@ from headwise.kernels.index import DecodeMode
 from headwise.kernels.reference import decode_attention_reference
 from headwise.patterns.base import PrefillInputs
 from headwise.patterns.decode import build_layer_decode_selection
-from headwise.patterns.hierarchical import Hierarchical, HipDecodeState, build_prefill
+from headwise.patterns.hierarchical import Hierarchical, build_prefill
+from headwise.patterns.hierarchical_decode import HipDecodeState
 from test_patterns_decode import paged_batch
 
 FAST = settings(max_examples=20, deadline=None)

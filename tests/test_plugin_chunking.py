@@ -12,7 +12,6 @@ unchunked long prompt; the second test pins that behaviour down.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from plugin_batches import D, HKV, HQ, Req, Step, make_backend, make_plan, run_layer

@@ -8,12 +8,11 @@ same layer run without summaries (which recomputes them from every cached key: t
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from headwise.kernels import decode_select
 from headwise.server.plugin.kv_cache import split_kv
-from plugin_batches import BS, HKV, Req, Step, make_backend, make_plan, run_layer
+from plugin_batches import HKV, Req, Step, make_backend, make_plan, run_layer
 from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 QUEST = {"type": "page_topk", "page_size": 8, "budget": 24}  # 3 of up to 10 pages: really sparse

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from headwise.server.commands import serve
+from headwise.server.commands.launch import (DEFAULT_PLAN, ENV_CONFIGS, ROUTES_MIDDLEWARE, ServeError, parse_vllm_args,
+                                             plan_launch)
 from headwise.server.commands.model import default_model_dir, prepare_default_model
-from headwise.server.commands.serve import ServeError, parse_vllm_args, plan_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM_PLANS = ROOT / "configs" / "smollm2-135m-instruct"
@@ -54,9 +54,9 @@ def test_no_arguments_serve_the_embedded_model_with_its_plan_and_small_machine_d
     assert args.max_model_len == 8192
     assert args.kv_cache_memory_bytes == 2 * 1024**3  # "2G" is binary in vLLM's notation
     assert args.enforce_eager is True
-    assert args.middleware == [serve.ROUTES_MIDDLEWARE]
+    assert args.middleware == [ROUTES_MIDDLEWARE]
     plan = args.additional_config["headwise"]["plan"]
-    assert Path(plan) == (SMOLLM_PLANS / serve.DEFAULT_PLAN.name).resolve()
+    assert Path(plan) == (SMOLLM_PLANS / DEFAULT_PLAN.name).resolve()
     assert launch.env["HEADWISE_ENABLE"] == "1" and launch.env["HEADWISE_PLAN"] == plan
     # the stats directory the workers publish into exists and is the one the routes will read
     assert Path(launch.env["HEADWISE_STATS_DIR"]).is_dir()
@@ -99,8 +99,8 @@ def test_vllm_flags_pass_through_and_additional_config_is_merged(launches):
     assert args.api_key == ["k1"] and args.seed == 7 and args.max_num_seqs == 3
     assert args.additional_config["other"] == {"x": 1}
     assert args.additional_config["headwise"]["note"] == "kept"
-    assert args.additional_config["headwise"]["plan"].endswith(serve.DEFAULT_PLAN.name)
-    assert args.middleware == ["my.module.Middleware", serve.ROUTES_MIDDLEWARE]
+    assert args.additional_config["headwise"]["plan"].endswith(DEFAULT_PLAN.name)
+    assert args.middleware == ["my.module.Middleware", ROUTES_MIDDLEWARE]
 
 
 def test_gpu_launch_keeps_vllm_memory_and_compilation_defaults(launches):
@@ -117,7 +117,7 @@ def test_no_headwise_serves_stock_attention_but_keeps_the_routes(launches):
 
     assert launch.env == thread_env()
     assert "headwise" not in (args.additional_config or {})
-    assert args.middleware == [serve.ROUTES_MIDDLEWARE]
+    assert args.middleware == [ROUTES_MIDDLEWARE]
 
 
 def test_a_plan_given_through_additional_config_counts_as_plan(launches):
@@ -188,9 +188,9 @@ def test_missing_files_and_contradictions_are_named(launches, tmp_path):
 
 
 def test_default_plan_missing_says_where_it_looked(launches, monkeypatch, tmp_path):
-    monkeypatch.setenv(serve.ENV_CONFIGS, str(tmp_path))
+    monkeypatch.setenv(ENV_CONFIGS, str(tmp_path))
     message = _error(launches, None, None, [], on_cpu=True)
-    assert str(tmp_path / serve.DEFAULT_PLAN) in message and serve.ENV_CONFIGS in message
+    assert str(tmp_path / DEFAULT_PLAN) in message and ENV_CONFIGS in message
 
 
 def test_cpu_defaults_are_the_same_for_stock_and_headwise_and_yield_to_the_user(launches, monkeypatch):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from headwise.server import env
-from .serve import say
+from .logline import say
 from headwise.server.plugin.stats import HeadwiseCollector, read_stats, stats_dir_from_env
 
 router = APIRouter(prefix="/v1/headwise", tags=["headwise"])
@@ -114,7 +113,7 @@ async def get_stats():
 # ------------------------------------------------------------------------ wiring into vLLM
 _collector_registered = False
 # Set when vLLM's engine died without being asked to stop (vLLM's watchdog then stops the HTTP
-# server); ``serve.run_launch`` turns it into a non-zero exit with this reason.
+# server); ``launch.run_launch`` turns it into a non-zero exit with this reason.
 engine_failure: str | None = None
 ENGINE_POLL_S = 0.25  # how often the engine watch looks at the engine client
 ORPHAN_GRACE_S = 2.0  # after the engine stopped: how long a request may still take to end by itself

@@ -7,7 +7,7 @@ own process. It
 * becomes a *child subreaper* (Linux ``PR_SET_CHILD_SUBREAPER``): a server process orphaned by the
   API server's death is re-parented to the supervisor instead of init, so it can always be found;
 * starts the API server (``python -m headwise.server.commands.supervise --child ...``, which runs
-  vLLM's ``serve`` through ``serve.run_launch``) in a process group of its own, with a parent-death
+  vLLM's ``serve`` through ``launch.run_launch``) in a process group of its own, with a parent-death
   signal (``PR_SET_PDEATHSIG`` = SIGTERM: if the supervisor itself is SIGKILLed, vLLM still shuts
   down cleanly);
 * forwards SIGTERM / SIGINT / SIGHUP to the API server (vLLM drains and stops its engine), and
@@ -36,7 +36,8 @@ import subprocess
 import sys
 import time
 
-from .serve import Launch, run_launch, say
+from .launch import Launch, run_launch
+from .logline import say
 
 STOP_GRACE_S = 60.0  # after a forwarded SIGTERM: how long vLLM may take to drain before it is killed
 LEFTOVER_GRACE_S = 3.0  # after the API server exited: how long its processes get between SIGTERM and SIGKILL
