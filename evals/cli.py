@@ -68,10 +68,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else HFTarget(args.hf, args.plan)
     label = args.label or target.label
     cases = build_cases(tasks, args.lengths, args.cases, target)
-    results = run_cases(target, cases, args.concurrency, label)
-    report = {"label": label, "target": target.describe(), "tasks": tasks, "lengths": args.lengths,
-              "command": " ".join(["headwise", *sys.argv[1:]]), "cases": results}
+    head = {"label": label, "target": target.describe(), "tasks": tasks, "lengths": args.lengths,
+            "command": " ".join(["headwise", *sys.argv[1:]]), "planned_cases": len(cases)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{label}.json").write_text(json.dumps(report, indent=1) + "\n")
+    path = args.out / f"{label}.json"
+
+    def save(rows: list[dict], complete: bool) -> dict:  # atomically, after every answer: a cut run keeps them
+        report = {**head, "complete": complete, "cases": rows}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(path)
+        return report
+
+    results = run_cases(target, cases, args.concurrency, label, on_row=lambda rows: save(rows, False))
+    report = save(results, True)
     print(rep.write([report], args.out, label))
     return 1 if any(r.get("error") for r in results) else 0

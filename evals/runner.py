@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,10 +27,13 @@ def build_cases(tasks: list[str], lengths: list[int], cases: int, target) -> lis
     return out
 
 
-def run_cases(target, cases: list[dict], concurrency: int, label: str) -> list[dict]:
+def run_cases(target, cases: list[dict], concurrency: int, label: str, on_row=None) -> list[dict]:
+    """Every case asked once; ``on_row(rows_so_far)`` after each answer (in the order they finished)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(cases), desc=f"eval {label}", file=sys.stderr)
+    done: list[dict] = []
+    lock = threading.Lock()
 
     def one(c: dict) -> dict:
         d = c.pop("draft")
@@ -41,6 +45,10 @@ def run_cases(target, cases: list[dict], concurrency: int, label: str) -> list[d
         except Exception as exc:  # noqa: BLE001 - recorded, scored 0, and the command exits 1
             row.update(reply=None, error=f"{type(exc).__name__}: {exc}", score=0.0)
         row["seconds"] = round(time.monotonic() - t0, 3)
+        with lock:
+            done.append(row)
+            if on_row is not None:
+                on_row(list(done))
         bar.update(1)
         return row
 

@@ -1,11 +1,16 @@
 """Soak under memory pressure: long prompts, a KV cache too small for them all, resident memory sampled.
 
 ``python -m headwise.loadtests.soak`` starts ``headwise serve`` with a small KV cache (default
-``--kv-cache-memory-bytes 400M``: about 17.8K tokens of SmolLM2 in bf16, 8.9K in fp32, the CPU default
-without native bf16) and prefill steps of at most ``STEP_TOKENS`` tokens (``--max-num-batched-tokens``), so
-that several prompts grow in the cache at once and vLLM must preempt and recompute: with whole-prompt
-steps (the default budget) its admission control keeps one or two requests running and the rest
-waiting, and nothing is ever preempted (seen: 0 preemptions in a 10-minute run, KV at most 89%), then
+``--kv-cache-memory-bytes 400M``: about 17.8K tokens of SmolLM2 in bf16, 9.1K in fp32, the CPU default
+without native bf16) and a scheduler that lets several prompts grow in that cache at once, so that
+vLLM must preempt and recompute. vLLM 0.32 guards against exactly that: it admits a request only
+when its whole prompt fits in the free blocks (``scheduler_reserve_full_isl``), and one long prefill
+takes a step's whole token budget, so with 32-token answers nothing was ever preempted (two
+10-minute runs: 0 preemptions, KV at most 89%, 2-3 requests running, the rest waiting). The soak
+turns the guard off (``--no-scheduler-reserve-full-isl``: admission checks the first chunk only) and
+caps each prompt's share of a step (``--long-prefill-token-threshold``), so that up to
+``STEP_TOKENS / PREFILL_SHARE`` prompts prefill side by side, as with the guard off in a deployment
+or with long outputs; then it
 
 1. asks every prompt of the load test's pool once, alone: the *unloaded* passkey answers;
 2. runs the headless locust load test (``run.py``) with ``--users`` users for ``--duration``
@@ -41,7 +46,10 @@ SAMPLE_S = 5.0
 MAX_RSS_GROWTH = 0.05
 IDLE_WAIT_S = 900.0  # the queue left when the load stops drains at the machine's speed
 KV_BYTES = "400M"
-STEP_TOKENS = 1024  # prefill chunk budget per scheduler step
+STEP_TOKENS = 1024  # token budget per scheduler step (--max-num-batched-tokens)
+PREFILL_SHARE = 256  # at most this many of a step's tokens for one prompt (--long-prefill-token-threshold)
+PRESSURE_ARGS = ["--max-num-batched-tokens", str(STEP_TOKENS), "--long-prefill-token-threshold", str(PREFILL_SHARE),
+                 "--no-scheduler-reserve-full-isl"]
 METRICS = {  # name in /metrics -> key in the samples
     "vllm:kv_cache_usage_perc": "kv_usage",
     "vllm:num_requests_running": "running",
@@ -183,7 +191,7 @@ def run_soak(users: int, duration_s: int, out: Path, prompt_lengths: str = "1000
     from headwise.server.commands.serve_process import ServerProcess
 
     out.mkdir(parents=True, exist_ok=True)
-    args = ["--kv-cache-memory-bytes", kv_bytes, "--max-num-batched-tokens", str(STEP_TOKENS), *serve_args]
+    args = ["--kv-cache-memory-bytes", kv_bytes, *PRESSURE_ARGS, *serve_args]
     server = ServerProcess(args, log_path=out / "server.log")
     log(f"soak: starting headwise serve {' '.join(args)}")
     server.start(600)

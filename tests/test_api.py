@@ -1,6 +1,7 @@
 """The OpenAI API of `headwise serve`, checked with the official `openai` client against a live server.
 
-One server for the module: `headwise serve` with no model or plan arguments (so: the embedded
+One server (conftest's ``api_server``, shared with the fault test that kills its engine core at
+the end of the session): `headwise serve` with no model or plan arguments (so: the embedded
 SmolLM2-135M-Instruct, its shipped plan, headwise attention on), plus an API key and a single
 sequence slot. One slot makes the disconnect test mean something: a slot still held by a dropped
 stream would block the next request. Prompts in the exactness tests stay under one KV block (128
@@ -19,24 +20,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from headwise.server.commands.model import default_model_dir
-from headwise.server.commands.serve_process import ServerProcess
+from servers import API_KEY as KEY
 
 pytestmark = pytest.mark.server
 
-KEY = "headwise-test-key"
 MODEL = "SmolLM2-135M-Instruct"
-START_TIMEOUT_S = 420  # an engine start on a loaded 2-core machine took up to ~160 s with compilation
 SHORT = [{"role": "user", "content": "Name three colours."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("api") / "server.log"
-    srv = ServerProcess(["--api-key", KEY, "--max-num-seqs", "1"], log_path=log)
-    srv.start(timeout_s=START_TIMEOUT_S)
-    yield srv
-    srv.stop()
-    assert not srv.group_alive()
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,11 @@
-"""The eval suite's generators, sizing, scorer and seeds (no model run; the tokenizer only)."""
+"""The eval suite's generators, sizing, scorer and seeds (the tokenizer only), and one tiny run of
+`headwise eval` against the live server, as a user runs it."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +15,7 @@ from headwise.evals.sizing import PROMISE, TokenizerCounter, fit, messages_of
 from headwise.evals.tasks import TASKS
 from headwise.server.commands.model import default_model_dir
 from headwise.server.commands.tasks import CALIBRATION_SEEDS, calibration_seed
+from servers import API_KEY
 
 # 1K: the shortest length the suite promises; 4K: above sparse.json's dense_below (3072);
 # 8144: SmolLM2's 8192 minus the longest answer budget (64 tokens)
@@ -69,3 +75,21 @@ def test_eval_and_calibration_seeds_are_disjoint():
     assert calibration_seed(0, 0) == 0 and calibration_seed(999, 999) in CALIBRATION_SEEDS
     with pytest.raises(ValueError):
         calibration_seed(1000, 0)
+
+
+@pytest.mark.server
+def test_headwise_eval_against_the_live_server_writes_every_case(api_server, tmp_path):
+    tasks = ["niah_single", "vt", "qa"]
+    cmd = [sys.executable, "-m", "headwise.server.commands.cli", "eval", "--url", api_server.base_url,
+           "--api-key", API_KEY, "--lengths", "1k", "--tasks", ",".join(tasks), "--cases", "1",
+           "--label", "tiny", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report["complete"] and report["planned_cases"] == len(report["cases"]) == len(tasks)
+    for case in report["cases"]:
+        assert case["task"] in tasks and case["seed"] == EVAL_SEEDS[0] and case["reply"], case
+        assert abs(case["usage_prompt_tokens"] - case["prompt_tokens"]) <= 0.01 * case["prompt_tokens"] + 8, case
+        assert 0.0 <= case["score"] <= 1.0
+    assert "niah_single" in (tmp_path / "tiny.md").read_text()
+    assert (tmp_path / "tiny.png").stat().st_size > 5_000

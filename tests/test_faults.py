@@ -6,8 +6,10 @@
 * SIGTERM during load: the in-flight requests end, the exit status is 0, no process remains;
 * a client that opens 64 streams and never reads them does not block other clients.
 
-Every server is the default `headwise serve` (embedded model, shipped plan, headwise attention on)
-with a small KV cache and context, so that it starts quickly.
+Every server is the default `headwise serve` (embedded model, shipped plan, headwise attention on).
+The engine core is killed under the suite's shared ``api_server`` and SIGTERM ends its
+``small_server`` (both marked ``ends_server``: they run last, after every other user of those
+servers); only the SIGKILL test starts a server of its own, with the small server's flags.
 """
 
 from __future__ import annotations
@@ -23,22 +25,21 @@ import psutil
 import pytest
 
 from headwise.server.commands.serve_process import ServerProcess, live_group_members
+from servers import API_KEY, SMALL_ARGS, START_TIMEOUT_S
 
 pytestmark = pytest.mark.server
 
 MODEL = "SmolLM2-135M-Instruct"
-START_TIMEOUT_S = 420
 GONE_WITHIN_S = 10.0
-SERVE_ARGS = ["--max-model-len", "2048", "--kv-cache-memory-bytes", "256M"]
 LONG_REPLY = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
 
 
-def _start(tmp_path, name: str, args: list[str] = ()) -> ServerProcess:
-    return ServerProcess([*SERVE_ARGS, *args], log_path=tmp_path / f"{name}.log").start(START_TIMEOUT_S)
+def _start(tmp_path, name: str) -> ServerProcess:
+    return ServerProcess(SMALL_ARGS, log_path=tmp_path / f"{name}.log").start(START_TIMEOUT_S)
 
 
 def _client(server: ServerProcess, timeout: float = 120) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=timeout)
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=timeout)
 
 
 def _processes(server: ServerProcess) -> dict[str, psutil.Process]:
@@ -75,8 +76,9 @@ def _last_line(server: ServerProcess) -> str:
     return server.log_text().rstrip().splitlines()[-1]
 
 
-def test_engine_core_killed_mid_stream(tmp_path):
-    server = _start(tmp_path, "engine-kill")
+@pytest.mark.ends_server
+def test_engine_core_killed_mid_stream(api_server):
+    server = api_server
     try:
         engine = _processes(server)["engine"]
         stream = _client(server).chat.completions.create(model=MODEL, messages=LONG_REPLY, max_tokens=1500,
@@ -123,14 +125,6 @@ def test_api_server_sigkilled_leaves_nothing_within_10s(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    server = _start(tmp_path_factory.mktemp("faults"), "shared")
-    yield server
-    server.stop()
-    assert not server.group_alive()
-
-
 def _open_unread_stream(server: ServerProcess) -> socket.socket:
     body = json.dumps({"model": MODEL, "messages": LONG_REPLY, "max_tokens": 1000, "stream": True}).encode()
     sock = socket.create_connection((server.host, server.port), timeout=10)
@@ -140,24 +134,25 @@ def _open_unread_stream(server: ServerProcess) -> socket.socket:
     return sock
 
 
-def test_64_unread_streams_do_not_block_other_clients(shared):
-    socks = [_open_unread_stream(shared) for _ in range(64)]
+def test_64_unread_streams_do_not_block_other_clients(small_server):
+    socks = [_open_unread_stream(small_server) for _ in range(64)]
     try:
         time.sleep(3)  # let the engine take them all
         t = time.monotonic()
-        reply = _client(shared, timeout=90).chat.completions.create(
+        reply = _client(small_server, timeout=90).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0)
         took = time.monotonic() - t
         assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
-        assert shared.healthy()
+        assert small_server.healthy()
         print(f"a short request beside 64 unread streams answered in {took:.1f}s")
     finally:
         for s in socks:
             s.close()
 
 
-def test_sigterm_during_load_ends_in_flight_requests_and_exits_0(shared):
-    client = _client(shared, timeout=120)
+@pytest.mark.ends_server
+def test_sigterm_during_load_ends_in_flight_requests_and_exits_0(small_server):
+    client = _client(small_server, timeout=120)
     outcomes: list[str] = []
     started = threading.Semaphore(0)
 
@@ -177,13 +172,13 @@ def test_sigterm_during_load_ends_in_flight_requests_and_exits_0(shared):
         th.start()
     for _ in threads:
         assert started.acquire(timeout=120), "the requests never started streaming"
-    shared.proc.send_signal(signal.SIGTERM)  # to `headwise serve`, as systemd or docker stop would
+    small_server.proc.send_signal(signal.SIGTERM)  # to `headwise serve`, as systemd or docker stop would
     for th in threads:
         th.join(timeout=90)
     assert not any(th.is_alive() for th in threads), f"requests still hanging after SIGTERM: {outcomes}"
     assert len(outcomes) == 4, outcomes
-    left = _wait_gone(shared, 60)
+    left = _wait_gone(small_server, 60)
     assert not left, f"still running after SIGTERM: {left}"
-    assert shared.proc.returncode == 0, shared.log_tail()
-    assert "stopped on SIGTERM" in _last_line(shared), shared.log_tail()
+    assert small_server.proc.returncode == 0, small_server.log_tail()
+    assert "stopped on SIGTERM" in _last_line(small_server), small_server.log_tail()
     print(f"SIGTERM during load: in-flight requests ended as {outcomes}")

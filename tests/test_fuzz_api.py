@@ -1,6 +1,7 @@
 """Hostile and generated requests against a real `headwise serve`: never a 5xx, healthy afterwards.
 
-Two parts on one server (default plan, headwise on, 2048-token context):
+Two parts on one server (conftest's ``small_server``: default plan, headwise on, 2048-token context,
+shared with the fault tests):
 
 * hand-written hostile cases: huge ``length`` / ``max_tokens`` / ``n`` / ``logprobs``, prompts far
   over the context, deeply nested JSON, wrong types, broken bodies;
@@ -19,24 +20,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headwise.server.commands.serve_process import ServerProcess
+from servers import SMALL_CONTEXT as CONTEXT
 
 pytestmark = pytest.mark.server
 
 MODEL = "SmolLM2-135M-Instruct"
-CONTEXT = 2048
 FUZZ_BUDGET_S = 75.0
 BIG = [10**6, 10**10, 10**19, 2**63, -1, 0, 1.5, "9" * 400]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    srv = ServerProcess(["--max-model-len", str(CONTEXT), "--kv-cache-memory-bytes", "256M"], log_path=log)
-    srv.start(timeout_s=420)
-    yield srv
-    srv.stop()
-    assert not srv.group_alive()
+def server(small_server):
+    return small_server
 
 
 @pytest.fixture(scope="module")
