@@ -44,12 +44,17 @@ PREFILL = {
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages created inside the mode and still alive."""
+    """Peak bytes of storages created inside the mode and still alive.
 
-    def __init__(self):
+    A view (a slice of k, a reshaped cache) shares its base's storage: storages that existed before
+    the mode (the inputs) are never counted, however many views of them the builder makes.
+    """
+
+    def __init__(self, inputs=()):
         super().__init__()
         self.live = self.peak = 0
         self.seen: set[int] = set()
+        self.existing = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
 
     def _free(self, key: int, n: int) -> None:
         self.live -= n
@@ -61,7 +66,7 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
                 key = st.data_ptr()
-                if key and key not in self.seen:
+                if key and key not in self.seen and key not in self.existing:
                     self.seen.add(key)
                     n = st.nbytes()
                     self.live += n
@@ -70,8 +75,8 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def measure(fn, repeats: int):
-    """(seconds per call, peak extra bytes)."""
+def measure(fn, repeats: int, inputs=()):
+    """(seconds per call, peak extra bytes); ``inputs``: the tensors ``fn`` reads (not counted)."""
     fn()  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -86,7 +91,7 @@ def measure(fn, repeats: int):
     for _ in range(repeats):
         fn()
     dt = (time.perf_counter() - t0) / repeats
-    with LiveBytes() as lb:
+    with LiveBytes(inputs) as lb:
         fn()
     return dt, lb.peak
 
@@ -109,7 +114,7 @@ def prefill_rows(contexts, chunk, repeats, dev, g, rows: list, save=lambda: None
         inp = PrefillInputs(heads=list(range(H)), num_layer_heads=H, num_layer_kv_heads=HKV, q_offset=s - chunk,
                             q_len=chunk, total_len=s, q=q, k=k, kv_heads=torch.arange(H) // (H // HKV))
         for name, (mod, spec) in PREFILL.items():
-            dt, peak = measure(lambda: mod.build_prefill(spec, inp), repeats)
+            dt, peak = measure(lambda: mod.build_prefill(spec, inp), repeats, inputs=(q, k))
             rows.append(dict(family=name, context=s, chunk=chunk, seconds=dt, peak_extra_bytes=peak))
             print(f"prefill {name:15s} S={s:>8d}  {dt * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB", flush=True)
             save()
@@ -155,7 +160,7 @@ def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens, rows: list
             rows.append(dict(family="dense_attention_sdpa", context=s, batch=b, seconds=dt_dense, shared_cache=shared))
             print(f"decode  dense attention     S={s:>8d} B={b:<3d} {dt_dense * 1e3:9.2f} ms", flush=True)
             for name, fn in cases.items():
-                dt, peak = measure(fn, repeats)
+                dt, peak = measure(fn, repeats, inputs=(q, k_cache, table, lens, summ.kmin, summ.kmax))
                 if name.startswith("hierarchical"):
                     dt = dt / min(hip.refresh)  # a full run every refresh[-1] steps at least: amortised bound
                 rows.append(dict(family=name, context=s, batch=b, seconds=dt, peak_extra_bytes=peak,
