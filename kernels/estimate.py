@@ -134,15 +134,25 @@ def topk_forced(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None
     return keep, keep.sum(-1)
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of ``x [T, H, D]`` over blocks of ``block`` rows -> ``[H, NB, D]`` fp32 (last block partial)."""
+def pool_blocks(x: torch.Tensor, block: int, pass_elems: int = 1 << 22) -> torch.Tensor:
+    """Mean of ``x [T, H, D]`` over blocks of ``block`` rows -> ``[H, NB, D]`` fp32 (last block partial).
+
+    Whole blocks are pooled ``pass_elems`` input elements at a time, so the fp32 copy of ``x`` is
+    never held whole (``x`` may be the keys of a million-token context).
+    """
     t, h, d = x.shape
     nb = -(-t // block)
-    pad = nb * block - t
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(nb, block, h, d).sum(1)
+    out = torch.empty(nb, h, d, dtype=torch.float32, device=x.device)
+    per = max(1, pass_elems // max(1, block * h * d))  # blocks per pass
+    for b0 in range(0, nb, per):
+        b1 = min(nb, b0 + per)
+        part = x[b0 * block: min(t, b1 * block)].float()
+        pad = (b1 - b0) * block - part.shape[0]  # only in the last block: zeros leave its sum exact
+        part = torch.nn.functional.pad(part, (0, 0, 0, 0, 0, pad)) if pad else part
+        out[b0:b1] = part.view(b1 - b0, block, h, d).sum(1)
     counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = block - pad
-    return (xs / counts.view(nb, 1, 1)).transpose(0, 1)
+    counts[-1] = block - (nb * block - t)
+    return (out / counts.view(nb, 1, 1)).transpose(0, 1)
 
 
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, block_q: int, block_k: int,
@@ -160,14 +170,16 @@ def pooled_score_tiles(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor,
                        scale: float | None = None, tile_elems: int = 1 << 22):
     """Yield ``(first key block, scores [H, NQB, t])`` over tiles of pooled key blocks, in order.
 
-    Transient memory is one tile (``tile_elems`` fp32 scores) plus its pooled keys; the keys are
-    pooled tile by tile too, so nothing of size S is held besides ``k`` itself.
+    Transient memory is one tile (at most ``tile_elems`` fp32 scores, from at most ``tile_elems``
+    raw key elements) plus its pooled keys; the keys are pooled tile by tile too, so nothing of
+    size S is held besides ``k`` itself.
     """
     sc = _scale(q.shape[-1], scale)
     qp = pool_blocks(q, block_q)  # [H, NQB, D]
     s = k.shape[0]
     nkb = -(-s // block_k)
-    per = max(1, tile_elems // max(1, qp.shape[0] * qp.shape[1]))
+    # key blocks per tile: at most tile_elems scores, and at most tile_elems raw key elements pooled
+    per = max(1, min(tile_elems // max(1, qp.shape[0] * qp.shape[1]), tile_elems // max(1, block_k * k[0].numel())))
     for k0 in range(0, nkb, per):
         k1 = min(nkb, k0 + per)
         kp = _per_head(pool_blocks(k[k0 * block_k: min(s, k1 * block_k)], block_k), kv_heads, 0)  # [H, t, D]

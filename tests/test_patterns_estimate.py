@@ -73,6 +73,18 @@ def test_pooled_block_scores_match_loops(tq, s, block):
                 assert abs(float(got[h, a, b]) - float(qm @ km) / math.sqrt(8)) < 1e-5
 
 
+@pytest.mark.parametrize("t,block", [(64, 64), (200, 64), (33, 16), (1, 16)])
+def test_pooling_in_passes_equals_pooling_at_once(t, block):
+    """Issue 12: keys are pooled a few blocks at a time; every pass size gives the same means, bit for bit."""
+    torch.manual_seed(t)
+    x = torch.randn(t, 3, 8).to(torch.bfloat16)
+    whole = estimate.pool_blocks(x, block)
+    ref = torch.stack([x[b:b + block].float().mean(0) for b in range(0, t, block)]).transpose(0, 1)
+    assert torch.allclose(whole, ref, atol=1e-6)
+    for pass_elems in (1, block * 24, block * 24 * 3 + 1):  # one block per pass, one, three
+        assert torch.equal(estimate.pool_blocks(x, block, pass_elems=pass_elems), whole)
+
+
 def test_block_max_scores_takes_the_best_query_of_each_block():
     torch.manual_seed(1)
     tq, s = 70, 90  # two query blocks, the second partial (its padding must not win)
