@@ -197,8 +197,6 @@ def block_max_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, p
     tq, h, d = q.shape
     nqb = -(-tq // block_q)
     sc = _scale(d, scale)
-    pad = nqb * block_q - tq
-    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(nqb, block_q, h, d)
     q_valid = (torch.arange(nqb * block_q, device=q.device) < tq).view(nqb, block_q, 1)
     out = torch.empty(positions.shape, dtype=torch.float32, device=q.device)
     m = positions.shape[-1]
@@ -206,8 +204,11 @@ def block_max_scores(q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, p
     per = max(1, (_CHUNK_ELEMS >> 2) // max(1, max(block_q, d) * m * h))  # query blocks per chunk
     for b0 in range(0, nqb, per):
         b1 = min(nqb, b0 + per)
+        part = q[b0 * block_q: min(tq, b1 * block_q)].float()  # this chunk's queries only, in fp32
+        pad = (b1 - b0) * block_q - part.shape[0]  # the last block's padding (masked below)
+        qb = (torch.nn.functional.pad(part, (0, 0, 0, 0, 0, pad)) if pad else part).view(b1 - b0, block_q, h, d)
         keys = k[positions[:, b0:b1], kvh].float()  # [h, nb, M, D]: only the listed keys
-        s = torch.einsum("bqhd,hbmd->hbqm", qb[b0:b1], keys) * sc
+        s = torch.einsum("bqhd,hbmd->hbqm", qb, keys) * sc
         s = s.masked_fill(~q_valid[b0:b1].view(1, b1 - b0, block_q, 1), float("-inf"))
         out[:, b0:b1] = s.amax(2)
     return out

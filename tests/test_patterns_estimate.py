@@ -85,15 +85,17 @@ def test_pooling_in_passes_equals_pooling_at_once(t, block):
         assert torch.equal(estimate.pool_blocks(x, block, pass_elems=pass_elems), whole)
 
 
-def test_block_max_scores_takes_the_best_query_of_each_block():
+@pytest.mark.parametrize("chunk_elems", [estimate._CHUNK_ELEMS, 1])  # all blocks at once; one block per pass
+def test_block_max_scores_takes_the_best_query_of_each_block(chunk_elems, monkeypatch):
+    monkeypatch.setattr(estimate, "_CHUNK_ELEMS", chunk_elems)
     torch.manual_seed(1)
-    tq, s = 70, 90  # two query blocks, the second partial (its padding must not win)
+    tq, s = 134, 90  # three query blocks, the last partial (its padding must not win)
     q, k = torch.randn(tq, 3, 8), torch.randn(s, 3, 8)
     kv = torch.arange(3)
-    pos = torch.randint(0, s, (3, 2, 5))
+    pos = torch.randint(0, s, (3, 3, 5))
     got = estimate.block_max_scores(q, k, kv, pos, 64, scale=1.0)
     for h in range(3):
-        for b in range(2):
+        for b in range(3):
             rows = q[b * 64:min(tq, (b + 1) * 64), h].double()
             for m in range(5):
                 want = float((rows @ k[pos[h, b, m], h].double()).max())
