@@ -125,18 +125,6 @@ def make_index(rs, re, rc, cols, cc, q_len: int, q_offset: int, block_m: int, fi
     return SparseIndex(fit(rs, r_w), fit(re, r_w), rc, cols, cc, q_len, q_offset, block_m)
 
 
-def cat_blocks(parts: list[tuple]) -> tuple:
-    """Join ``(rs, re, rc, cols, cc)`` pieces built for consecutive slices of query blocks."""
-    if len(parts) == 1:
-        return parts[0]
-    r_w = max(p[0].shape[-1] for p in parts)
-    c_w = max(p[3].shape[-1] for p in parts)
-    pad = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[-1]))  # noqa: E731
-    return (torch.cat([pad(p[0], r_w) for p in parts], 1), torch.cat([pad(p[1], r_w) for p in parts], 1),
-            torch.cat([p[2] for p in parts], 1), torch.cat([pad(p[3], c_w) for p in parts], 1),
-            torch.cat([p[4] for p in parts], 1))
-
-
 def no_columns(h: int, nqb: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty column set of an index with ``[h, nqb]`` blocks."""
     return (torch.zeros(h, nqb, 1, dtype=torch.long, device=device),

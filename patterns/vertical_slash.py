@@ -23,7 +23,7 @@ from headwise.kernels.index import SparseIndex
 
 from . import density
 from .base import DensityContext, PatternModel, PrefillInputs
-from .ranges import block_bounds, cat_blocks, compact, drop_covered, make_index, merge_intervals
+from .ranges import block_bounds, compact, drop_covered, make_index, merge_intervals
 
 
 class VerticalSlash(PatternModel):
@@ -102,10 +102,19 @@ def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, 
         v_w = max(1, int(n_cols.max().item()))
         d_w = max(1, int(n_diag.max().item()))
         cols, offs = cols[:, :v_w], offs[:, :d_w]
-    per = max(1, _CHUNK_ITEMS // max(1, cols.shape[0] * max(offs.shape[1], cols.shape[1])))
-    parts = [_blocks(cols, n_cols, offs, n_diag, bs[i:i + per], be[i:i + per], block_m)
-             for i in range(0, bs.shape[0], per)]
-    return make_index(*cat_blocks(parts), q_len, q_offset, block_m, fixed=fixed)
+    h, nqb = cols.shape[0], bs.shape[0]
+    per = max(1, _CHUNK_ITEMS // max(1, h * max(offs.shape[1], cols.shape[1])))
+    # each slice of query blocks is written straight into the index (widths: at most one range per
+    # diagonal, one column per kept column), so the pieces are never all held besides the result
+    rs = torch.zeros(h, nqb, offs.shape[1], dtype=torch.int32, device=dev)
+    re, rc = torch.zeros_like(rs), torch.zeros(h, nqb, dtype=torch.long, device=dev)
+    c_cols, cc = torch.zeros(h, nqb, cols.shape[1], dtype=torch.int32, device=dev), torch.zeros_like(rc)
+    for i in range(0, nqb, per):
+        j = min(nqb, i + per)
+        p_rs, p_re, rc[:, i:j], p_cols, cc[:, i:j] = _blocks(cols, n_cols, offs, n_diag, bs[i:j], be[i:j], block_m)
+        rs[:, i:j, : p_rs.shape[-1]], re[:, i:j, : p_re.shape[-1]] = p_rs, p_re
+        c_cols[:, i:j, : p_cols.shape[-1]] = p_cols
+    return make_index(rs, re, rc, c_cols, cc, q_len, q_offset, block_m, fixed=fixed)
 
 
 def build_prefill(p: VerticalSlash, inp: PrefillInputs) -> SparseIndex:
