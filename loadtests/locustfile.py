@@ -52,6 +52,8 @@ def _options(parser) -> None:
                         help="append one JSON line per request to this file")
     parser.add_argument("--allow-eos", action="store_true", default=False,
                         help="let requests stop at end of sequence (default: always generate --max-tokens)")
+    parser.add_argument("--request-timeout", type=int, default=600, env_var="LOCUST_REQUEST_TIMEOUT",
+                        help="seconds a request may wait for the server's next byte before it fails")
 
 
 class _Shared:
@@ -150,7 +152,7 @@ class LongPromptChatUser(HttpUser):
         text: list[str] = []
         usage: dict = {}
         with self.client.post("/v1/chat/completions", json=body, headers=_Shared.headers, stream=True,
-                              catch_response=True, name=name, timeout=600) as resp:
+                              catch_response=True, name=name, timeout=opts.request_timeout) as resp:
             try:
                 error = _read_stream(resp, arrivals, text, usage)
             except Exception as exc:  # a broken chunk is this request's failure, not the user's end

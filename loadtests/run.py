@@ -54,6 +54,7 @@ class LoadTestConfig:
     api_key: str = ""
     allow_eos: bool = False
     stop_timeout_s: int = 120  # in-flight requests may finish after the run time ends
+    request_timeout_s: int = 600  # a request with no byte for this long fails (client side)
     out: str = ""
     serve_args: list[str] = field(default_factory=list)
     serve_timeout_s: int = 600
@@ -68,6 +69,8 @@ class LoadTestConfig:
             problems.append(f"--duration {self.duration_s}: expected 1..{MAX_DURATION_S} seconds")
         if self.max_tokens < 1:
             problems.append(f"--max-tokens {self.max_tokens}: expected >= 1")
+        if not 1 <= self.request_timeout_s <= MAX_DURATION_S:
+            problems.append(f"--request-timeout {self.request_timeout_s}: expected 1..{MAX_DURATION_S} seconds")
         if self.host is not None and not self.host.startswith(("http://", "https://")):
             problems.append(f"--host {self.host}: expected a URL such as http://127.0.0.1:8000")
         try:
@@ -95,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-eos", action="store_true", help="stop at end of sequence (default: always --max-tokens)")
     p.add_argument("--stop-timeout", type=int, default=d.stop_timeout_s, dest="stop_timeout_s",
                    help="seconds in-flight requests may take to finish after the run time")
+    p.add_argument("--request-timeout", type=int, default=d.request_timeout_s, dest="request_timeout_s",
+                   help="seconds a request may wait for the server's next byte before it counts as failed")
     p.add_argument("--out", default="", help="output directory (default: ./loadtest-results/<UTC time>)")
     p.add_argument("--serve-args", default="", help="arguments for the local `headwise serve` (no --host), "
                                                      "one shell-quoted string")
@@ -113,6 +118,7 @@ def _locust_command(cfg: LoadTestConfig, host: str, out: Path) -> list[str]:
            "--csv", str(out / "locust"), "--csv-full-history", "--only-summary",
            "--logfile", str(out / "locust.log"),
            "--prompt-lengths", cfg.prompt_lengths, "--max-tokens", str(cfg.max_tokens),
+           "--request-timeout", str(cfg.request_timeout_s),
            "--samples-file", str(out / report.SAMPLES)]
     if cfg.model:
         cmd += ["--model", cfg.model]

@@ -109,6 +109,7 @@ def test_smoke_run_writes_consistent_csv_summary_and_plots(smoke):
 def test_bounds_are_enforced_before_anything_starts(tmp_path):
     for bad, why in [(dict(users=0), "--users"), (dict(duration_s=0), "--duration"),
                      (dict(spawn_rate=0), "--spawn-rate"), (dict(host="localhost:8000"), "--host"),
-                     (dict(prompt_lengths="x"), "--prompt-lengths")]:
+                     (dict(prompt_lengths="x"), "--prompt-lengths"),
+                     (dict(request_timeout_s=0), "--request-timeout")]:
         with pytest.raises(ValueError, match=why):
             run_loadtest(LoadTestConfig(out=str(tmp_path), **bad))
