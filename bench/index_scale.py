@@ -178,6 +178,27 @@ def slope(rows, family, a, b):
     return None
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Log-log time and peak extra memory per 8K chunk against context, one line per prefill family."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for f in PREFILL:
+        r = [x for x in rows if x["family"] == f]
+        ax[0].loglog([x["context"] for x in r], [x["seconds"] for x in r], "o-", label=f)
+        ax[1].loglog([x["context"] for x in r], [max(1, x["peak_extra_bytes"]) / 2**20 for x in r], "o-", label=f)
+    ax[0].set(xlabel="context", ylabel="s per 8K chunk")
+    ax[1].set(xlabel="context", ylabel="peak extra MiB")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (the smoke test)")
@@ -185,7 +206,11 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="32768,131072,524288,1048576")
     ap.add_argument("--decode-contexts", default="32768,131072,1048576")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--replot", metavar="JSON", help="draw the PNG of a results file (a run cut short) and exit")
     a = ap.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text())["prefill"], Path(a.replot).with_suffix(".png"))
+        return 0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     if a.quick:
@@ -214,24 +239,7 @@ def main(argv=None) -> int:
     decode_rows(dec, batches, reps, dev, g, 16 * 131072 if dev == "cpu" else 1 << 40, drows, save)
     res["complete"] = True
     save()
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for f in PREFILL:
-            r = [x for x in rows if x["family"] == f]
-            ax[0].loglog([x["context"] for x in r], [x["seconds"] for x in r], "o-", label=f)
-            ax[1].loglog([x["context"] for x in r], [max(1, x["peak_extra_bytes"]) / 2**20 for x in r], "o-", label=f)
-        ax[0].set(xlabel="context", ylabel="s per 8K chunk")
-        ax[1].set(xlabel="context", ylabel="peak extra MiB")
-        ax[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=80)
-    except ImportError:
-        pass
+    plot(rows, out / f"{name}.png")
     print(json.dumps(res["slope_128k_1m"]))
     return 0
 

@@ -79,21 +79,24 @@ def build_prefill(p: Strided, inp: PrefillInputs) -> SparseIndex:
     last = (be - 1) // p.block_size
     first, n_shard, local0, width = shard_blocks(p, shift, last, nkb)  # [H, 1], [H, NQB], [1, NQB]
     h, nqb = shift.shape[0], bs.shape[0]
-    j = torch.arange(width + 1, device=device).view(1, 1, -1)
-    kb = first.view(h, 1, 1) + j * p.vert_stride  # [H, 1, J]
     n = n_shard.view(h, nqb, 1)
     local_s = (local0 * p.block_size).view(1, nqb, 1)
     local_e = torch.clamp((last + 1) * p.block_size, max=inp.seq_len).view(1, nqb, 1)
     touches = (n > 0) & (first.view(h, 1, 1) + (n - 1) * p.vert_stride + 1 == local0.view(1, nqb, 1))
     rc = (n + (~touches).long()).view(h, nqb)  # the local run is its own range unless merged
-    rs = torch.where(j < n, kb * p.block_size, local_s)
-    rs = torch.where(j < rc.view(h, nqb, 1), rs, 0)
-    re = torch.where(j < n, kb * p.block_size + p.block_size, local_e)
-    re = torch.where(touches & (j == n - 1), local_e, re)
-    re = torch.where(j < rc.view(h, nqb, 1), re, 0)
+    # the [H, NQB, J] tensors (J ~ context / (block_size * vert_stride)) are built in the index's
+    # int32 and filled in place: at 1M tokens each is 32 MiB for Llama-3.1-8B geometry
+    i32 = torch.int32
+    j = torch.arange(width + 1, device=device, dtype=i32).view(1, 1, -1)
+    n32 = n.to(i32)
+    shard = j < n32
+    live = j < rc.view(h, nqb, 1).to(i32)
+    start = (first.view(h, 1, 1).to(i32) + j * p.vert_stride) * p.block_size  # [H, 1, J]
+    rs = torch.where(shard, start, local_s.to(i32)).masked_fill_(~live, 0)
+    re = torch.where(shard, start + p.block_size, local_e.to(i32))
+    re = torch.where(touches & (j == n32 - 1), local_e.to(i32), re).masked_fill_(~live, 0)
     cols, cc = no_columns(h, nqb, device)
-    return make_index(rs.to(torch.int32), re.to(torch.int32), rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m,
-                      fixed=estimate.fixed_shapes(inp.q))
+    return make_index(rs, re, rc, cols, cc, inp.q_len, inp.q_offset, inp.block_m, fixed=estimate.fixed_shapes(inp.q))
 
 
 def select_decode(p: Strided, inp: DecodeInputs) -> DecodeSelection:
