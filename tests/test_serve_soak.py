@@ -1,4 +1,4 @@
-"""The soak scenario, short: 8 users for 2 minutes of 1K/4K/7K prompts on a 400 MB KV cache.
+"""The soak scenario, short: 8 users for 2 minutes of 1K/4K/7K prompts on a 400 MB KV cache (opt-in).
 
 The full run (16 users, 10 minutes) is ``python -m headwise.loadtests.soak``; its results file is
 committed under ``loadtests/results/``. Here the same scenario must meet the same goals: no failed
@@ -17,9 +17,11 @@ from headwise.loadtests.soak import run_soak
 
 pytestmark = [
     pytest.mark.server,
-    # Not yet seen passing: its first run found the 200 MB cache too small for one 8K sequence in fp32
-    # (the CPU default without native bf16). Opt-in until a run proves it: HEADWISE_SOAK=1.
-    pytest.mark.skipif(os.environ.get("HEADWISE_SOAK") != "1", reason="opt-in until seen passing: HEADWISE_SOAK=1"),
+    # Opt-in: on a 2-core machine it takes ~10-15 minutes (the unloaded pass over the 24 pool prompts alone
+    # ~9 minutes, then the load and the drain), more than CI's budget allows. The full 10-minute scenario
+    # passed (loadtests/results/soak/soak.json); this short form has not been run since the scenario gained
+    # its step-share flags.
+    pytest.mark.skipif(os.environ.get("HEADWISE_SOAK") != "1", reason="opt-in (~10-15 min on 2 cores): HEADWISE_SOAK=1"),
 ]
 
 
