@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -61,6 +62,10 @@ def _wait_gone(server: ServerProcess, within_s: float) -> list[str]:
     while time.monotonic() < deadline:
         server.proc.poll()  # reap the supervisor once it exits
         if not live_group_members(server.proc.pid):
+            try:  # the group is empty: the supervisor has exited too; reap it so its status is known
+                server.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
             return []
         time.sleep(0.1)
     left = []
@@ -89,6 +94,7 @@ def test_engine_core_killed_mid_stream(api_server):
                 received += 1
                 if received == 5:
                     engine.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
                 if chunk.choices and chunk.choices[0].finish_reason:
                     break
         except (openai.APIError, Exception) as exc:  # noqa: BLE001 - any client-visible failure
@@ -96,8 +102,11 @@ def test_engine_core_killed_mid_stream(api_server):
         assert received >= 5
         assert error is not None, (f"the stream ended normally after the engine core was killed "
                                    f"({received} chunks, last finish_reason {chunk.choices[0].finish_reason})")
-        left = _wait_gone(server, 60)
-        assert not left, f"still running after the engine core died: {left}"
+        # the goal is 10 s; measured 8.6 s with a second server busy beside it, ~5 s alone: 20 s of margin here
+        left = _wait_gone(server, 2 * GONE_WITHIN_S)
+        took = time.monotonic() - killed_at
+        assert not left, f"still running {2 * GONE_WITHIN_S:.0f}s after the engine core died: {left}"
+        print(f"engine core SIGKILLed: every server process gone {took:.1f}s later")
         assert server.proc.returncode not in (None, 0), server.log_tail()
         assert "engine core died" in _last_line(server), server.log_tail()
     finally:
