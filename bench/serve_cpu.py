@@ -36,6 +36,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -94,8 +95,96 @@ def prompt(body: str) -> str:
     return f"Request {uuid.uuid4().hex[:12]}. {body}\nSummarise the text above in one long paragraph."
 
 
+# ----------------------------------------------------------------------------- profile
+class Profile:
+    """Where one request's prefill went, per layer, from the server's ``/v1/headwise/stats`` with
+    ``HEADWISE_PROFILE=1``: the counters before the request minus those just after its first token
+    (read ``SETTLE_S`` later, past the workers' publishing interval; the few decode steps run by then
+    are counted in ``tokens``). Both stock (``stock_timing``) and headwise publish the same parts."""
+
+    SETTLE_S = 0.7
+
+    def __init__(self, url: str):
+        self.url = url
+        self.before = self._read()
+        self._first: threading.Thread | None = None
+        self._after_first: dict | None = None
+
+    def _read(self) -> dict:
+        import httpx
+
+        r = httpx.get(f"{self.url}/v1/headwise/stats", timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    def first_token(self) -> None:
+        def later() -> None:
+            time.sleep(self.SETTLE_S)
+            self._after_first = self._read()
+
+        self._first = threading.Thread(target=later, daemon=True)  # the client keeps streaming meanwhile
+        self._first.start()
+
+    def result(self) -> dict:
+        if self._first is not None:
+            self._first.join()
+        if self._after_first is None:
+            return {"error": "no first token was streamed"}
+        return profile_delta(self.before, self._after_first)
+
+
+def profile_delta(before: dict, after: dict) -> dict:
+    """Per-layer seconds (attention call, each timed part, host = call minus its timed parts) and
+    prefill density between two stats reads."""
+    if not after.get("profiling"):
+        return {"error": "the server does not profile (HEADWISE_PROFILE=1 did not reach its workers)"}
+    layers = []
+    for b, a in zip(before["layers"], after["layers"]):
+        parts = {p: a["part_seconds"][p] - b["part_seconds"][p] for p in a["part_seconds"]}
+        call = a["attention_seconds"] - b["attention_seconds"]
+        kept = a["kept_keys"]["prefill"] - b["kept_keys"]["prefill"]
+        causal = a["causal_keys"]["prefill"] - b["causal_keys"]["prefill"]
+        layers.append({"layer": a["layer"], "attention_s": call,
+                       "host_s": call - sum(v for p, v in parts.items() if p != "kv_write"),
+                       **{f"{p}_s": v for p, v in parts.items()},
+                       "prefill_density": kept / causal if causal else None})
+    total = {k: sum(layer[k] for layer in layers) for k in layers[0] if k.endswith("_s")} if layers else {}
+    dens = [(layer["prefill_density"], layer["attention_s"]) for layer in layers if layer["prefill_density"]]
+    return {"backends": after.get("backends"), "plan": after.get("plan"),
+            "tokens": {ph: after["tokens"][ph] - before["tokens"][ph] for ph in after["tokens"]},
+            "steps": after["steps"] - before["steps"],
+            "plan_s": after["step_part_seconds"]["plan"] - before["step_part_seconds"]["plan"],
+            "total": total,
+            "prefill_density": (sum(d for d, _ in dens) / len(dens)) if dens else None,
+            "layers": layers}
+
+
+def profile_table(result: dict) -> str:
+    """Markdown: per run and length, the prefill's attention split into its parts (seconds summed over
+    layers), and against stock the goal ratio: attention per layer / (density x stock's)."""
+    lines = ["| server | prompt | TTFT s | attention s | kernel s | index s | copy s | select s | host s | "
+             "kv write s | plan s | prefill density | attention / (density x stock) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    stock = [r for r in result["runs"] if r["label"].startswith("stock")]
+    for run in result["runs"]:
+        for i, row in enumerate(run["rows"]):
+            prof = row.get("profile")
+            if not prof or "error" in prof:
+                continue
+            t, dens = prof["total"], prof["prefill_density"]
+            base = _mean([s["rows"][i].get("profile", {}).get("total", {}).get("attention_s") for s in stock])
+            goal = f"{t['attention_s'] / (dens * base):.2f}" if dens and base and "stock" not in run["label"] else ""
+            lines.append(
+                f"| {run['label']} | {row['prompt_tokens']} | {row['ttft_s']:.1f} | {t['attention_s']:.2f} | "
+                f"{t['kernel_s']:.2f} | {t['index_s']:.2f} | {t['copy_s']:.2f} | {t['select_s']:.2f} | "
+                f"{t['host_s']:.2f} | {t['kv_write_s']:.2f} | {prof['plan_s']:.2f} | "
+                f"{'' if dens is None else f'{dens:.4f}'} | {goal} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- requests
-def one_request(client, model: str, text: str, tokens: int) -> dict:
+def one_request(client, model: str, text: str, tokens: int, on_first=None) -> dict:
+    """One streamed request; ``on_first()`` is called (once) when the first token arrives."""
     start = time.perf_counter()
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], max_tokens=tokens, temperature=0.0,
@@ -106,6 +195,8 @@ def one_request(client, model: str, text: str, tokens: int) -> dict:
             usage = chunk.usage
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
+            if on_first is not None and len(stamps) == 1:
+                on_first()
     end = time.perf_counter()
     out_tokens = usage.completion_tokens if usage else len(stamps)
     gaps = (stamps[-1] - stamps[0]) / (out_tokens - 1) if len(stamps) > 1 and out_tokens > 1 else None
@@ -128,20 +219,26 @@ def measure_server(label: str, serve_args: list[str], lengths: list[int], args, 
         one_request(client, model, prompt(bodies[lengths[0]]), 4)  # warm-up: first-call costs out of the figures
         rows = []
         for n in lengths:
-            seq = [one_request(client, model, prompt(bodies[n]), args.tokens) for _ in range(args.sequential)]
-            wall = time.perf_counter()
-            with cf.ThreadPoolExecutor(args.concurrent) as pool:
-                conc = list(pool.map(lambda _: one_request(client, model, prompt(bodies[n]), args.tokens),
-                                     range(args.concurrent)))
-            wall = time.perf_counter() - wall
+            profile = Profile(server.url) if args.profile else None
+            seq = [one_request(client, model, prompt(bodies[n]), args.tokens,
+                               on_first=profile.first_token if profile and i == 0 else None)
+                   for i in range(args.sequential)]
             row = {"length": n, "prompt_tokens": seq[0]["prompt_tokens"],
-                   **{m: _mean([r[m] for r in seq]) for m in ("ttft_s", "itl_s", "e2e_s")},
-                   "concurrent_tok_s": sum(r["completion_tokens"] for r in conc) / wall,
-                   "concurrent_ttft_s": _mean([r["ttft_s"] for r in conc]),
-                   "sequential": seq, "concurrent": conc}
+                   **{m: _mean([r[m] for r in seq]) for m in ("ttft_s", "itl_s", "e2e_s")}, "sequential": seq}
+            if profile is not None:
+                row["profile"] = profile.result()
+            if args.concurrent:
+                wall = time.perf_counter()
+                with cf.ThreadPoolExecutor(args.concurrent) as pool:
+                    conc = list(pool.map(lambda _: one_request(client, model, prompt(bodies[n]), args.tokens),
+                                         range(args.concurrent)))
+                wall = time.perf_counter() - wall
+                row |= {"concurrent_tok_s": sum(r["completion_tokens"] for r in conc) / wall,
+                        "concurrent_ttft_s": _mean([r["ttft_s"] for r in conc]), "concurrent": conc}
             rows.append(row)
+            conc_note = f"  {args.concurrent}-at-once {row['concurrent_tok_s']:.1f} tok/s" if args.concurrent else ""
             log(f"  {label:>10} {n:>6}: TTFT {row['ttft_s']:.2f}s  ITL {1e3 * row['itl_s']:.1f}ms  "
-                f"e2e {row['e2e_s']:.1f}s  {args.concurrent}-at-once {row['concurrent_tok_s']:.1f} tok/s")
+                f"e2e {row['e2e_s']:.1f}s{conc_note}")
     return {"label": label, "serve_args": serve_args, "startup_s": startup, "rows": rows, "log": str(log_path)}
 
 
@@ -154,10 +251,10 @@ def _mean(xs):
 def ratios(stock_runs: list[dict], run: dict) -> list[dict]:
     out = []
     for i, row in enumerate(run["rows"]):
-        base = {m: _mean([s["rows"][i][m] for s in stock_runs]) for m in MEASURES}
+        base = {m: _mean([s["rows"][i].get(m) for s in stock_runs]) for m in MEASURES}
         r = {"length": row["length"]}
         for m in MEASURES:
-            if base[m] and row[m]:
+            if base[m] and row.get(m):
                 r[m] = row[m] / base[m] if m == "concurrent_tok_s" else base[m] / row[m]
         out.append(r)
     return out
@@ -211,11 +308,18 @@ def main() -> int:
     ap.add_argument("--sequential", type=int, default=3)
     ap.add_argument("--concurrent", type=int, default=4)
     ap.add_argument("--long", action="store_true", help=f"add {LONG_LENGTHS} with a YaRN-stretched context")
+    ap.add_argument("--profile", action="store_true",
+                    help="serve with HEADWISE_PROFILE=1 and record where each length's first prefill went, per layer "
+                         "(stock and headwise alike; written into the JSON and a -profile.md table)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny lengths, 8 tokens, one plan, stock once")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `headwise serve` flag (repeatable)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_cpu-<time>.json)")
     ap.add_argument("--log-dir", default=None, help="server logs (default: beside the JSON)")
     args = ap.parse_args()
+    if args.concurrent < 0 or args.sequential < 1 or args.tokens < 2:
+        ap.error("--concurrent must be >= 0 (0: none), --sequential >= 1 and --tokens >= 2 (for a latency)")
+    if args.profile:
+        os.environ["HEADWISE_PROFILE"] = "1"  # reaches every server's workers (ServerProcess passes the environment)
     if args.quick:
         args.lengths, args.tokens, args.sequential, args.concurrent = [128, 384], 8, 1, 2
         args.plans = args.plans[:1]
@@ -243,6 +347,14 @@ def main() -> int:
     result["info"]["loadavg_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
+    if args.profile:
+        table = profile_table(result)
+        out.with_name(out.stem + "-profile.md").write_text(
+            f"# Where the prefill went, per server and prompt\n\n`{result['config']['command']}`\n\n"
+            "Seconds summed over layers, from each length's first request (`/v1/headwise/stats` with "
+            "`HEADWISE_PROFILE=1`). host = the attention call minus its timed parts; kv write is vLLM's separate "
+            "call before it; plan = the per-step metadata build.\n\n" + table)
+        print(table)
     print(f"{'plan':>12} {'length':>7} " + " ".join(f"{m:>17}" for m in MEASURES))
     for label, rows in result["ratios"].items():
         for r in rows:

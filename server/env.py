@@ -14,12 +14,13 @@ ENABLE = "HEADWISE_ENABLE"  # "1": the vLLM plugin registers its backend (nothin
 PLAN = "HEADWISE_PLAN"  # the plan JSON the engine serves (after --additional-config)
 STATS_DIR = "HEADWISE_STATS_DIR"  # where workers publish their stats snapshots
 CPU_NATIVE = "HEADWISE_CPU_NATIVE"  # "0": never use vLLM's fused CPU attention op
+PROFILE = "HEADWISE_PROFILE"  # "1": workers time each part of every layer's attention (stats "part_seconds")
 HOME = "HEADWISE_HOME"  # where the embedded model is converted (default ~/.cache/headwise)
 CONFIGS = "HEADWISE_CONFIGS"  # the directory holding shipped plans (default: the repository's configs/)
 API_KEY = "HEADWISE_API_KEY"  # bearer token the load tests send
 PARENT_PID = "HEADWISE_PARENT_PID"  # pid whose death ends an engine process (see commands/supervise.py)
 
-ALL = (ENABLE, PLAN, STATS_DIR, CPU_NATIVE, HOME, CONFIGS, API_KEY, PARENT_PID)
+ALL = (ENABLE, PLAN, STATS_DIR, CPU_NATIVE, PROFILE, HOME, CONFIGS, API_KEY, PARENT_PID)
 
 
 def get(name: str, default: str | None = None) -> str | None:
@@ -41,6 +42,10 @@ def stats_dir() -> str | None:
 
 def cpu_native() -> bool:
     return os.environ.get(CPU_NATIVE, "1") != "0"
+
+
+def profile() -> bool:
+    return os.environ.get(PROFILE, "") == "1"
 
 
 def home() -> Path:

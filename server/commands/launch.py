@@ -275,6 +275,11 @@ def plan_launch(model: str | None, plan: str | None, extra: list[str], headwise:
             defaults.append(f"'{PLUGIN_NAME}' added to VLLM_PLUGINS")
     elif plan:
         raise ServeError("--plan and --no-headwise contradict each other; pass one of them")
+    elif env.profile():  # stock attention timed by the plugin (stock_timing): it publishes stats too
+        stats_dir = env.stats_dir() or (owned := tempfile.mkdtemp(prefix="headwise-stats-"))
+        child_env[env.STATS_DIR] = stats_dir
+    if env.profile():
+        defaults.append(f"{env.PROFILE}=1: every layer's attention timed part by part (/v1/headwise/stats)")
     argv += ["--middleware", ROUTES_MIDDLEWARE]
     return Launch(argv, child_env, model_path, str(plan_path) if plan_path else None, defaults, owned, unset)
 

@@ -104,8 +104,9 @@ async def get_plan(request: Request, length: int | None = Query(
 
 @router.get("/stats")
 async def get_stats():
-    """What the backend did since start: achieved density, sparse vs dense-fallback counts, time."""
-    if _active_plan_path() is None:
+    """What the backend did since start: achieved density, sparse vs dense-fallback counts, time.
+    A stock server answers too when it profiles (``HEADWISE_PROFILE=1``: stock attention's timings)."""
+    if _active_plan_path() is None and not env.profile():
         return _error(404, _OFF, "NotFoundError")
     return {"object": "headwise.stats", **read_stats(stats_dir_from_env())}
 

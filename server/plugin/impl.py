@@ -37,7 +37,7 @@ from . import cpu_ops, runner
 from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
-from .stats import get_recorder
+from .stats import get_recorder, phase
 
 PREFILL, DECODE = 0, 1
 
@@ -85,14 +85,16 @@ class HeadwiseImpl(AttentionImpl):
                            slot_mapping: torch.Tensor) -> None:
         # key, value: [T, Hkv, D]; kv_cache: [num_blocks, Hkv, block_size, 2D]
         n = min(key.shape[0], slot_mapping.shape[0])
-        if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
-            k_pages, v_pages = self._page_views(kv_cache)
-            cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n])
-        else:
-            write_kv(key, value, kv_cache, slot_mapping)
-        summaries = self._page_summaries(layer, kv_cache)
-        if summaries is not None and n:
-            update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
+        lb = self.layer or (self.bind(layer.layer_name) if layer is not None else None)
+        with phase(lb.layer if lb is not None else 0, "kv_write"):
+            if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
+                k_pages, v_pages = self._page_views(kv_cache)
+                cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n])
+            else:
+                write_kv(key, value, kv_cache, slot_mapping)
+            summaries = self._page_summaries(layer, kv_cache)
+            if summaries is not None and n:
+                update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
 
     def _page_summaries(self, layer, kv_cache: torch.Tensor) -> PageSummaries | None:
         """This layer's Quest summaries, made at its first write when some head decodes with
@@ -133,7 +135,8 @@ class HeadwiseImpl(AttentionImpl):
                 and (lb.decode_dense or md.decode_dense == md.num_decodes)):
             # every row of this layer is dense in this step: the one call stock vLLM makes
             n = md.num_actual_tokens
-            native(query[:n], self._page_views(kv_cache), md.batch_dense, self.scale, output[:n])
+            with phase(lb.layer, "kernel"):
+                native(query[:n], self._page_views(kv_cache), md.batch_dense, self.scale, output[:n])
         else:
             k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
             if md.num_decodes:
@@ -151,17 +154,22 @@ class HeadwiseImpl(AttentionImpl):
         op_ok = native is not None and md.decode_dense_op is not None and self._op_reads_cache(kv_cache)
         if lb.decode_dense and op_ok:
             # a dense layer needs no selection: straight to vLLM's op (stats: recorded by the builder)
-            output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
+            with phase(lb.layer, "kernel"):
+                output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
             return
         summaries = self._summaries[1] if self._summaries is not None and self._summaries[0] is kv_cache else None
-        sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,
-                                      md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal,
-                                      page_summaries=summaries)
-        if op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all()):  # every row reads every token
-            out = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
-        else:
-            out = runner.run_decode(q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel, self.scale)
-        output[md.decode_tokens] = out
+        with phase(lb.layer, "select"):
+            sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,
+                                          md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal,
+                                          page_summaries=summaries)
+            every_token = op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all())  # every row reads every token
+        with phase(lb.layer, "kernel"):
+            if every_token:
+                out = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
+            else:
+                out = runner.run_decode(q, k_cache, v_cache, md.decode_block_table, md.decode_seq_lens, sel,
+                                        self.scale)
+            output[md.decode_tokens] = out
         rec = get_recorder()
         if rec is not None:
             kept = runner.decode_kept(lb, sel, md.decode_seq_lens)
@@ -179,20 +187,23 @@ class HeadwiseImpl(AttentionImpl):
         if work is None:  # some head estimates its index from this layer's q and k
             k_full = None
             if not row.dense:
-                k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]
-            index = runner.prefill_index(lb, self.binding.settings, q, k_full, row.q_offset, row.total_len,
-                                         self.scale, cache=md.step_cache)
-            op = self._op_target(kv_cache) if KERNELS["native_batch"] is not None else None
-            work = prefill_work(index, table_row, row, len(lb.heads), op)
+                with phase(lb.layer, "copy"):
+                    k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]
+            with phase(lb.layer, "index"):
+                index = runner.prefill_index(lb, self.binding.settings, q, k_full, row.q_offset, row.total_len,
+                                             self.scale, cache=md.step_cache)
+                op = self._op_target(kv_cache) if KERNELS["native_batch"] is not None else None
+                work = prefill_work(index, table_row, row, len(lb.heads), op)
             rec = get_recorder()
             if rec is not None:
                 rec.add_keys(lb.layer, PREFILL, work.kept_pairs, work.causal_pairs)
         native = KERNELS["native_batch"]
-        if work.schedule is not None and native is not None and self._op_reads_cache(kv_cache):
-            output[row.start:row.end] = native(q, self._page_views(kv_cache), work.schedule, self.scale)
-        else:
-            output[row.start:row.end] = runner.run_prefill_paged(q, k_cache, v_cache, table_row, work.index,
-                                                                 self.scale)
+        with phase(lb.layer, "kernel"):
+            if work.schedule is not None and native is not None and self._op_reads_cache(kv_cache):
+                output[row.start:row.end] = native(q, self._page_views(kv_cache), work.schedule, self.scale)
+            else:
+                output[row.start:row.end] = runner.run_prefill_paged(q, k_cache, v_cache, table_row, work.index,
+                                                                     self.scale)
 
     def _page_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The op's K/V page views of this layer's cache, made once (the cache tensor is persistent)."""

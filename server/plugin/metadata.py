@@ -44,7 +44,7 @@ from headwise.patterns.tidal import TidalState
 
 from . import cpu_ops
 from .plan_binding import LayerBinding, PlanBinding, worker_binding
-from .stats import StatsRecorder, init_recorder, stats_dir_from_env
+from .stats import StatsRecorder, init_recorder, stats_dir_from_env, step_phase
 
 _LOG = init_logger("vllm.headwise")
 PREFILL, DECODE = 0, 1  # stats phases
@@ -169,7 +169,10 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadwiseMetadata:
-        cm = common_attn_metadata
+        with step_phase("plan"):
+            return self._build(common_attn_metadata)
+
+    def _build(self, cm: CommonAttentionMetadata) -> HeadwiseMetadata:
         self.recorder.flush_device()
         b = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: b + 1].long()

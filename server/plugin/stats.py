@@ -10,6 +10,13 @@ snapshots into one dict, and ``HeadwiseCollector(dir)`` turns that dict into Pro
 
 Density is counted in (query, key) pairs: ``kept`` = pairs the plan let a query read, ``causal`` =
 pairs dense causal attention would read. Their ratio per layer and phase is the achieved density.
+
+Profiling (``HEADWISE_PROFILE=1``): the recorder also sums, per layer, the seconds of each named part
+of the attention call (``PROFILE_PARTS``: the kernels, index building, copies, decode selection,
+the K/V write) and, per step, the metadata build (``plan``); ``phase(layer, part)`` times one
+part (a no-op when profiling is off). ``stock_timing.py`` times vLLM's own CPU attention the same
+way, so one profile compares stock with headwise part by part. On CUDA a timed part synchronises
+the device first and last, so its seconds are the device's, not the launch's.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +37,13 @@ ENV_STATS_DIR = env.STATS_DIR
 PUBLISH_INTERVAL_S = 0.5
 PHASES = ("prefill", "decode")
 PATHS = ("sparse", "dense_fallback")
+# parts of one layer's attention call a profile times (the rest of the call is host work):
+# kernel = every attention kernel or op call; index = index building and op schedules made in the
+# layer (estimation included); copy = keys copied out of the paged cache; select = decode selection;
+# kv_write = the new tokens' K/V into the cache (vLLM's separate call before the attention call)
+PROFILE_PARTS = ("kernel", "index", "copy", "select", "kv_write")
+STEP_PARTS = ("plan",)  # per step: the metadata builder (host)
+BACKENDS = ("headwise", "stock")
 _FILE_PREFIX = "worker-"
 
 
@@ -45,10 +60,18 @@ class StatsRecorder:
     """
 
     def __init__(self, num_layers: int, stats_dir: str | None, rank: int = 0, tp_size: int = 1,
-                 plan: str | None = None, device: str = "cpu"):
+                 plan: str | None = None, device: str = "cpu", backend: str = "headwise",
+                 profiling: bool | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_layers = num_layers
         self.stats_dir = Path(stats_dir) if stats_dir else None
         self.rank, self.tp_size, self.plan, self.device = rank, tp_size, plan, device
+        self.backend = backend
+        self.profiling = env.profile() if profiling is None else profiling
+        # part -> seconds per layer; step part -> seconds (profiling only)
+        self.parts = {p: [0.0] * num_layers for p in PROFILE_PARTS}
+        self.step_parts = dict.fromkeys(STEP_PARTS, 0.0)
         self.started_at = time.time()
         self._lock = threading.Lock()
         # [layer][phase] -> kept / causal (query, key) pairs
@@ -85,6 +108,14 @@ class StatsRecorder:
         self.attention_calls += 1
         self._dirty = True
 
+    def add_part(self, layer: int, part: str, seconds: float) -> None:
+        self.parts[part][layer] += seconds
+        self._dirty = True
+
+    def add_step_part(self, part: str, seconds: float) -> None:
+        self.step_parts[part] += seconds
+        self._dirty = True
+
     def add_step(self, prefill_tokens: int, decode_tokens: int, prefill_sparse: int,
                  prefill_dense: int, decode_sparse: int, decode_dense: int) -> None:
         self.steps += 1
@@ -110,6 +141,7 @@ class StatsRecorder:
         with self._lock:
             return {
                 "version": 1,
+                "backend": self.backend,
                 "rank": self.rank,
                 "tp_size": self.tp_size,
                 "pid": os.getpid(),
@@ -127,6 +159,9 @@ class StatsRecorder:
                 "kept_keys": [list(r) for r in self.kept],
                 "causal_keys": [list(r) for r in self.causal],
                 "attention_seconds": list(self.seconds),
+                "profiling": self.profiling,
+                "part_seconds": {p: list(v) for p, v in self.parts.items()},
+                "step_part_seconds": dict(self.step_parts),
             }
 
     @property
@@ -193,6 +228,64 @@ def init_recorder(**kwargs) -> StatsRecorder:
     return _RECORDER
 
 
+class _Part:
+    """Times one part of a layer's attention call into the recorder (see ``phase``)."""
+
+    __slots__ = ("rec", "layer", "part", "started", "sync")
+
+    def __init__(self, rec: StatsRecorder, layer: int, part: str):
+        self.rec, self.layer, self.part = rec, layer, part
+        self.sync = rec.device == "cuda"
+
+    def __enter__(self) -> None:
+        if self.sync:
+            _cuda_sync()
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.sync:
+            _cuda_sync()
+        self.rec.add_part(self.layer, self.part, time.perf_counter() - self.started)
+
+
+def _cuda_sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+_OFF = nullcontext()
+
+
+def phase(layer: int, part: str):
+    """``with phase(layer, "kernel"): ...`` adds the block's seconds to the layer's part when the
+    process profiles (``HEADWISE_PROFILE=1``); otherwise a shared no-op context."""
+    rec = _RECORDER
+    if rec is None or not rec.profiling:
+        return _OFF
+    return _Part(rec, layer, part)
+
+
+def step_phase(part: str):
+    """The same for a per-step part (``plan``: the metadata builder)."""
+    rec = _RECORDER
+    if rec is None or not rec.profiling:
+        return _OFF
+    return _StepPart(rec, part)
+
+
+class _StepPart(_Part):
+    __slots__ = ()
+
+    def __init__(self, rec: StatsRecorder, part: str):
+        super().__init__(rec, -1, part)
+
+    def __exit__(self, *exc) -> None:
+        if self.sync:
+            _cuda_sync()
+        self.rec.add_step_part(self.part, time.perf_counter() - self.started)
+
+
 # ------------------------------------------------------------------------------ reading
 def _pid_alive(pid: int) -> bool:
     try:
@@ -225,18 +318,28 @@ def read_stats(stats_dir: str | os.PathLike | None) -> dict:
 
     Keys are summed over tensor-parallel ranks (each owns its heads); seconds are the max over
     ranks (they run at the same time); steps, tokens and request counts come from the lowest rank.
+    ``backend_active`` says a *headwise* backend published; a stock engine profiled by
+    ``stock_timing`` publishes too (``backend: "stock"``), with timings and no densities.
     """
     snaps = read_snapshots(stats_dir)
     num_layers = max((s["num_layers"] for s in snaps), default=0)
     kept = [[0, 0] for _ in range(num_layers)]
     causal = [[0, 0] for _ in range(num_layers)]
     seconds = [0.0] * num_layers
+    parts = {p: [0.0] * num_layers for p in PROFILE_PARTS}
+    step_parts = dict.fromkeys(STEP_PARTS, 0.0)
     for s in snaps:
         for i in range(s["num_layers"]):
             for p in range(2):
                 kept[i][p] += s["kept_keys"][i][p]
                 causal[i][p] += s["causal_keys"][i][p]
             seconds[i] = max(seconds[i], s["attention_seconds"][i])
+            for part, per_layer in s.get("part_seconds", {}).items():
+                if part in parts:
+                    parts[part][i] = max(parts[part][i], per_layer[i])
+        for part, sec in s.get("step_part_seconds", {}).items():
+            if part in step_parts:
+                step_parts[part] = max(step_parts[part], sec)
     lead = min(snaps, key=lambda s: (s["rank"], -s["updated_at"]), default=None)
     layers = [
         {
@@ -245,17 +348,22 @@ def read_stats(stats_dir: str | os.PathLike | None) -> dict:
             "kept_keys": dict(zip(PHASES, kept[i])),
             "causal_keys": dict(zip(PHASES, causal[i])),
             "attention_seconds": seconds[i],
+            "part_seconds": {part: parts[part][i] for part in PROFILE_PARTS},
         }
         for i in range(num_layers)
     ]
     totals_k = [sum(k[p] for k in kept) for p in range(2)]
     totals_c = [sum(c[p] for c in causal) for p in range(2)]
     zero_req = {ph: dict.fromkeys(PATHS, 0) for ph in PHASES}
+    backends = sorted({s.get("backend", "headwise") for s in snaps})
     return {
-        "backend_active": bool(snaps),
+        "backend_active": "headwise" in backends,
+        "backends": backends,
+        "profiling": any(s.get("profiling") for s in snaps),
         "workers": [
             {k: s[k] for k in ("rank", "pid", "tp_size", "device", "plan", "started_at", "updated_at")}
-            | {"alive": _pid_alive(s["pid"]) if s.get("host") == socket.gethostname() else None}
+            | {"backend": s.get("backend", "headwise"),
+               "alive": _pid_alive(s["pid"]) if s.get("host") == socket.gethostname() else None}
             for s in snaps
         ],
         "plan": lead["plan"] if lead else None,
@@ -267,6 +375,8 @@ def read_stats(stats_dir: str | os.PathLike | None) -> dict:
         "requests": lead["requests"] if lead else zero_req,
         "density": {ph: _ratio(totals_k[p], totals_c[p]) for p, ph in enumerate(PHASES)},
         "attention_seconds": sum(seconds),
+        "part_seconds": {part: sum(parts[part]) for part in PROFILE_PARTS},
+        "step_part_seconds": step_parts,
         "layers": layers,
     }
 

@@ -3,7 +3,8 @@
 vLLM calls ``register()`` in every process it starts (API server, engine core, each worker) before
 the model is built. Installing headwise must never change someone else's vLLM, so nothing happens
 unless ``HEADWISE_ENABLE=1`` is in the environment (environment variables reach the spawned
-engine and worker processes; Python state does not). When enabled:
+engine and worker processes; Python state does not), except that ``HEADWISE_PROFILE=1`` alone puts
+timers around vLLM's own CPU attention (``stock_timing.py``). When enabled:
 
 * CUDA: the backend takes the ``CUSTOM`` slot; the user selects it with
   ``--attention-backend CUSTOM`` (``engine_args`` / ``cli_args`` add it).
@@ -39,7 +40,13 @@ def enabled() -> bool:
 def register() -> None:
     """Entry point: register the headwise backend when ``HEADWISE_ENABLE=1``; idempotent."""
     global _registered
-    if not enabled() or _registered is not None:
+    if not enabled():
+        if env.profile():  # profiling stock vLLM: time its own attention (changes nothing it computes)
+            from . import stock_timing
+
+            stock_timing.install()
+        return
+    if _registered is not None:
         return
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
