@@ -261,6 +261,8 @@ def ratios(stock_runs: list[dict], run: dict) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
+    if not any(r for rows in result["ratios"].values() for r in rows if len(r) > 1):
+        return  # no stock run (a --no-stock probe): nothing to draw
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,6 +313,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="serve with HEADWISE_PROFILE=1 and record where each length's first prefill went, per layer "
                          "(stock and headwise alike; written into the JSON and a -profile.md table)")
+    ap.add_argument("--no-stock", action="store_true",
+                    help="a probe: the plans' servers only (no stock runs, so no ratios)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny lengths, 8 tokens, one plan, stock once")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `headwise serve` flag (repeatable)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_cpu-<time>.json)")
@@ -338,6 +342,8 @@ def main() -> int:
                                             "command": " ".join(sys.argv)}, "runs": []}
     order = [("stock", ["--no-headwise"])] + [(Path(p).stem, ["--plan", str(Path(p).resolve())]) for p in args.plans] \
         + ([] if args.quick else [("stock-last", ["--no-headwise"])])  # a smoke run has no drift to bracket
+    if args.no_stock:
+        order = [o for o in order if o[1] != ["--no-headwise"]]
     for label, serve_args in order:
         log(f"# {label}: headwise serve {' '.join(serve_args + extra)}")
         result["runs"].append(measure_server(label, serve_args + extra, lengths, args, log))

@@ -76,6 +76,7 @@ class HeadwiseImpl(AttentionImpl):
         self.binding.check_local(num_heads, self.num_kv_heads, head_size)
         self.layer: LayerBinding | None = None
         self._cache_ok: bool | None = None  # vLLM's CPU op can read this layer's cache (fixed per layer)
+        self._isa: str | None = None  # the op layout this layer's CPU cache keeps (``cpu_ops.cache_isa``)
         self._views: tuple | None = None  # (cache, K pages, V pages) for vLLM's op
         # Quest page key min/max beside this layer's cache (page_topk layers only), kept as K is written
         self._summaries: tuple[torch.Tensor, PageSummaries] | None = None
@@ -89,9 +90,9 @@ class HeadwiseImpl(AttentionImpl):
         with phase(lb.layer if lb is not None else 0, "kv_write"):
             if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
                 k_pages, v_pages = self._page_views(kv_cache)
-                cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n])
+                cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n], self._cache_isa(kv_cache))
             else:
-                write_kv(key, value, kv_cache, slot_mapping)
+                write_kv(key, value, kv_cache, slot_mapping, self._cache_isa(kv_cache))
             summaries = self._page_summaries(layer, kv_cache)
             if summaries is not None and n:
                 update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
@@ -138,7 +139,10 @@ class HeadwiseImpl(AttentionImpl):
             with phase(lb.layer, "kernel"):
                 native(query[:n], self._page_views(kv_cache), md.batch_dense, self.scale, output[:n])
         else:
-            k_cache, v_cache = split_kv(kv_cache)  # [num_blocks, Hkv, block_size, D] strided views
+            # [num_blocks, Hkv, block_size, D] strided views; an AMX-packed cache has none (no torch
+            # kernel reads it in place: cpu_ops.cache_isa)
+            vec = self._cache_isa(kv_cache) == cpu_ops.CACHE_ISA
+            k_cache, v_cache = split_kv(kv_cache) if vec else (None, None)
             if md.num_decodes:
                 self._decode(lb, md, query, kv_cache, k_cache, v_cache, output)
             for i, row in enumerate(md.prefill_rows):
@@ -188,7 +192,8 @@ class HeadwiseImpl(AttentionImpl):
             k_full = None
             if not row.dense:
                 with phase(lb.layer, "copy"):
-                    k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True)  # [S, Hkv, D]
+                    k_full, _ = read_kv(kv_cache, table_row, row.seq_len, keys_only=True,
+                                        isa=self._cache_isa(kv_cache))  # [S, Hkv, D]
             with phase(lb.layer, "index"):
                 index = runner.prefill_index(lb, self.binding.settings, q, k_full, row.q_offset, row.total_len,
                                              self.scale, cache=md.step_cache)
@@ -215,7 +220,17 @@ class HeadwiseImpl(AttentionImpl):
     def _op_target(self, kv_cache: torch.Tensor) -> OpTarget | None:
         if not self._op_reads_cache(kv_cache):
             return None
-        return OpTarget(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype)
+        return OpTarget(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype,
+                        self._cache_isa(kv_cache))
+
+    def _cache_isa(self, kv_cache: torch.Tensor) -> str:
+        """The op layout of this layer's cache: the builder's rule (``cpu_ops.cache_isa``) on the same
+        inputs, so the writer, the op schedules and the readers agree."""
+        if self._isa is None:
+            self._isa = cpu_ops.cache_isa(kv_cache.dtype, kv_cache.shape[2], self.head_size,
+                                          self.binding.torch_reads_pages) \
+                if self._op_reads_cache(kv_cache) else cpu_ops.CACHE_ISA
+        return self._isa
 
     def _op_reads_cache(self, kv_cache: torch.Tensor) -> bool:
         if self._cache_ok is None:

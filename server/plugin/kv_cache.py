@@ -7,6 +7,9 @@ vLLM hands every layer a cache tensor with the logical shape ``[num_blocks, Hkv,
 * on CPU as vLLM's own CPU attention op reads them with its ``vec`` code path: the block's K
   transposed (``[D, block_size]``), then its V (``[block_size, D]``). vLLM's op then attends
   straight from the cache (dense decode rows), and torch reads both through strided views;
+* on CPUs where stock vLLM runs its ``amx`` code path, in that path's packed layout whenever no torch
+  kernel reads the pages in place (``cpu_ops.cache_isa``): only the op reads them then, and
+  ``read_kv`` (the one torch reader left: estimation's keys) unpacks the pages it copies;
 * on CUDA as K and V side by side per token (``[block_size, 2*D]``: K in the first half of the
   last dim), which the Triton kernels read as strided views.
 
@@ -23,7 +26,8 @@ from . import cpu_ops
 
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache (no copy)."""
+    """K and V views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache (no copy; the ``vec``
+    layout on CPU: an AMX-packed cache has no such view)."""
     nb, h, bs, d2 = kv_cache.shape
     d = d2 // 2
     if kv_cache.device.type != "cpu":
@@ -32,19 +36,23 @@ def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return halves[:, :, 0].view(nb, h, d, bs).transpose(2, 3), halves[:, :, 1].view(nb, h, bs, d)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             isa: str = cpu_ops.CACHE_ISA) -> None:
     """Store the new tokens' K/V at their slots.
 
     key, value: ``[T, Hkv, D]`` (T may exceed the slots given: padding rows are ignored);
-    kv_cache: ``[num_blocks, Hkv, block_size, 2*D]``; slot_mapping: ``[T']`` int, -1 = padding.
+    kv_cache: ``[num_blocks, Hkv, block_size, 2*D]``; slot_mapping: ``[T']`` int, -1 = padding;
+    ``isa``: the op layout the CPU cache keeps (``cpu_ops.cache_isa``).
     """
     n = min(key.shape[0], slot_mapping.shape[0])
     if n == 0 or kv_cache.numel() == 0:
         return
     key, value = key[:n].to(kv_cache.dtype), value[:n].to(kv_cache.dtype)
     if cpu_ops.decode_available(kv_cache):  # vLLM's fused writer: the same layout; it skips slot -1
-        cpu_ops.write(key, value, kv_cache, slot_mapping[:n].long())
+        cpu_ops.write(key, value, kv_cache, slot_mapping[:n].long(), isa)
         return
+    if isa != cpu_ops.CACHE_ISA:
+        raise ValueError(f"only vLLM's op writes the {isa!r} layout, and it cannot write this cache")
     slots = slot_mapping[:n].long()
     valid = slots >= 0
     # A host check is cheap on CPU; on CUDA it costs one sync per layer, acceptable while the
@@ -87,10 +95,18 @@ def _slot_runs(slots: torch.Tensor, block_size: int) -> list[tuple[int, int, int
 
 
 def read_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
-            keys_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            keys_only: bool = False, isa: str = cpu_ops.CACHE_ISA) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions ``0..length-1`` of one request as contiguous ``k, v: [length, Hkv, D]`` (whole
     blocks are copied, then trimmed: one block-level gather instead of a per-token one).
-    ``keys_only``: copy K alone (pattern estimation needs no V) and return ``v = None``."""
+    ``keys_only``: copy K alone (pattern estimation needs no V) and return ``v = None``.
+    ``isa``: the op layout the CPU cache keeps (AMX pages are gathered, then unpacked)."""
+    if isa != cpu_ops.CACHE_ISA and kv_cache.device.type == "cpu":
+        k_pages, v_pages = cpu_ops.page_views(kv_cache)
+        nb, h, bs, d = k_pages.shape
+        blocks = block_table_row[:-(-length // bs)].long()
+        k, v = cpu_ops.unpack_pages(k_pages[blocks], None if keys_only else v_pages[blocks], isa)
+        k = k.transpose(1, 2).reshape(-1, h, d)[:length]
+        return k, None if v is None else v.transpose(1, 2).reshape(-1, h, d)[:length]
     k_cache, v_cache = split_kv(kv_cache)
     nb, h, bs, d = k_cache.shape
     blocks = block_table_row[:-(-length // bs)].long()

@@ -85,12 +85,14 @@ class PrefillWork:
 
 @dataclass(frozen=True)
 class OpTarget:
-    """What vLLM's CPU op needs to know of the cache it reads: page size, KV heads, head dim, dtype."""
+    """What vLLM's CPU op needs to know of the cache it reads: page size, KV heads, head dim, dtype,
+    and the code path whose page layout the cache keeps (``cpu_ops.cache_isa``)."""
 
     page: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    isa: str = cpu_ops.CACHE_ISA
 
 
 def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, num_heads: int,
@@ -99,7 +101,7 @@ def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, n
     cache (``op``; kept pairs page-rounded), else the torch kernel's (kept pairs exact)."""
     causal = row.causal_pairs * num_heads
     if op is not None and index.device.type == "cpu":
-        schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype)
+        schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype, op.isa)
         return PrefillWork(index, schedule, schedule.kept_pairs, causal)
     dens = 1.0 if row.dense else fast_density(index)
     return PrefillWork(index, None, round(dens * causal), causal)
@@ -156,8 +158,9 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         # vLLM's op reads the real cache (CPU, pages of a multiple of 32 tokens, a dtype it runs)
         self.use_op = (self.device.type == "cpu" and self.block_size % 32 == 0
                        and cpu_ops.available(self.dtype, self.head_dim))
-        self.op = OpTarget(self.block_size, self.binding.local_kv_heads, self.head_dim, self.dtype) \
-            if self.use_op else None
+        self.op = OpTarget(self.block_size, self.binding.local_kv_heads, self.head_dim, self.dtype,
+                           cpu_ops.cache_isa(self.dtype, self.block_size, self.head_dim,
+                                             self.binding.torch_reads_pages)) if self.use_op else None
         # one representative layer per prefill signature: static groups are built once per step
         layers = [self.binding.for_layer(i) for i in range(self.binding.num_layers)]
         self.groups: dict[tuple, list[LayerBinding]] = {}
@@ -216,12 +219,13 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         batch_dense = decode_op = None
         if self.use_op:
             h, hkv = self.binding.local_heads, self.binding.local_kv_heads
-            batch_dense = cpu_ops.plan_batch(qsl, cm.seq_lens[:b].cpu(), block_table, h, hkv, self.head_dim, self.dtype)
+            batch_dense = cpu_ops.plan_batch(qsl, cm.seq_lens[:b].cpu(), block_table, h, hkv, self.head_dim, self.dtype,
+                                             self.op.isa)
             if nd and not rows:  # a decode-only step: the batch is the decode rows
                 decode_op = batch_dense
             elif nd:
                 decode_op = cpu_ops.plan_batch(torch.arange(nd + 1), d_seq.cpu(), d_table, h, hkv, self.head_dim,
-                                               self.dtype)
+                                               self.dtype, self.op.isa)
         self._record_static(md_static, rows, d_seq if nd else None)
         self.recorder.add_step(
             prefill_tokens=sum(r.q_len for r in rows), decode_tokens=nd,

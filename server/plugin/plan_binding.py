@@ -191,6 +191,13 @@ class PlanBinding:
         start = self.tp_rank * self.local_heads
         return list(range(start, start + self.local_heads))
 
+    @property
+    def torch_reads_pages(self) -> bool:
+        """Some layer decodes with a token-level selection, which the torch decode kernel reads from
+        the cache pages in place (through ``kv_cache.split_kv``'s strided views): the CPU cache must
+        then keep the ``vec`` layout (``cpu_ops.cache_isa``). Dense decode runs on vLLM's op."""
+        return not all(self.for_layer(i).decode_dense for i in range(self.num_layers))
+
     def check_local(self, num_heads: int, num_kv_heads: int, head_size: int) -> None:
         """The attention layer vLLM built must have the per-rank shape the plan implies."""
         want = (self.local_heads, self.local_kv_heads, self.head_dim)
