@@ -270,8 +270,10 @@ def plot(result: dict, path: Path) -> None:
 
     names = {"ttft_s": "TTFT", "itl_s": "inter-token latency", "e2e_s": "end-to-end", "concurrent_tok_s":
              f"{result['config']['concurrent']}-at-once tok/s"}
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 3.4), sharey=False)
-    for ax, m in zip(axes, MEASURES):
+    measures = [m for m in MEASURES if any(m in r for rows in result["ratios"].values() for r in rows)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 3.4), sharey=False, squeeze=False)
+    axes = axes[0]
+    for ax, m in zip(axes, measures):
         for label, rows in result["ratios"].items():
             xs = [r["length"] for r in rows if m in r]
             ax.plot(xs, [r[m] for r in rows if m in r], marker="o", label=label)

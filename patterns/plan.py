@@ -93,8 +93,9 @@ class Settings(_Strict):
     block_size: int = Field(64, ge=16, le=256, multiple_of=16, description="queries per prefill index block")
     dense_below: int = Field(1024, ge=0, description="sequences shorter than this attend densely")
     dense_tail: int = Field(0, ge=0, description=(
-        "the last queries of every prefill chunk attend densely in every layer (the question at the end "
-        "of a long prompt sees all of it); 0 = off"))
+        "the prompt's last queries attend densely in every layer (the question at the end of a long "
+        "prompt sees all of it; in a chunked prefill, the last queries of the chunk that ends the prompt); "
+        "0 = off"))
     tidal_top_k: int = Field(256, ge=1, description="TidalDecode tokens per head when a tidal spec sets none")
     planned_generation: int = Field(256, ge=0, description="new tokens assumed after the prompt (MoA spans)")
 

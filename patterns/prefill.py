@@ -67,7 +67,8 @@ def build_layer_prefill_index(
     q_offset: cached prefix length (position of the first query); ``S = q_offset + Tq``.
     total_len: prompt + planned generation (MoA spans).
     dense_below: a sequence shorter than this gets a dense index.
-    dense_tail: blocks holding one of the chunk's last ``dense_tail`` queries keep every causal key.
+    dense_tail: blocks holding one of the chunk's last ``dense_tail`` queries keep every causal key (the
+              engine passes 0 for a chunk that does not end the prompt).
     cache:    a dict kept for one scheduler step; static groups are looked up / stored in it.
     """
     if len(specs) != len(heads):

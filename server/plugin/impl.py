@@ -196,7 +196,7 @@ class HeadwiseImpl(AttentionImpl):
                                         isa=self._cache_isa(kv_cache))  # [S, Hkv, D]
             with phase(lb.layer, "index"):
                 index = runner.prefill_index(lb, self.binding.settings, q, k_full, row.q_offset, row.total_len,
-                                             self.scale, cache=md.step_cache)
+                                             self.scale, cache=md.step_cache, ends_prompt=row.ends_prompt)
                 op = self._op_target(kv_cache) if KERNELS["native_batch"] is not None else None
                 work = prefill_work(index, table_row, row, len(lb.heads), op)
             rec = get_recorder()

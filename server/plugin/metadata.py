@@ -62,6 +62,7 @@ class PrefillRow:
     seq_len: int  # q_offset + chunk length
     total_len: int  # seq_len + planned generation: MoA spans grow with it
     dense: bool  # below the plan's dense_below: attended densely
+    ends_prompt: bool = True  # holds the prompt's last token: its last queries get the plan's dense tail
 
     @property
     def q_len(self) -> int:
@@ -152,6 +153,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             rank=self.binding.tp_rank, tp_size=self.binding.tp_size, plan=self.binding.plan_path,
             device=str(torch.device(device).type))
         self._step = 0
+        self._runner = _model_runner()
         self.device = torch.device(device)
         self.dtype = kv_cache_spec.dtype
         self.head_dim = kv_cache_spec.head_size
@@ -169,6 +171,10 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                 self.groups.setdefault(lb.prefill_signature, []).append(lb)
         self.decode_dense_layers = sum(lb.decode_dense for lb in layers)
         _log_active(self.binding, self.block_size, device)
+        if self.binding.settings.dense_tail and self._prompt_lens(0) is None:
+            _LOG.warning("headwise: no model runner found: prompt lengths unknown, so every prefill chunk gets "
+                         "the plan's dense tail (dense_tail %d), not only the chunk that ends the prompt",
+                         self.binding.settings.dense_tail)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadwiseMetadata:
@@ -206,11 +212,13 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         d_seq = d_seq.to(torch.int32)
         decode_dense = int((seq_lens_cpu[dec] < self.dense_below).sum()) if nd else 0
 
+        prompt_lens = self._prompt_lens(b)
         rows = []
         for r in torch.nonzero(is_prefill).squeeze(1).tolist():
             s = int(seq_lens_cpu[r])
             rows.append(PrefillRow(req=r, start=int(qsl[r]), end=int(qsl[r + 1]), q_offset=int(context[r]),
-                                   seq_len=s, total_len=s + self.planned_generation, dense=s < self.dense_below))
+                                   seq_len=s, total_len=s + self.planned_generation, dense=s < self.dense_below,
+                                   ends_prompt=prompt_lens is None or s >= int(prompt_lens[r])))
         if _LOG.isEnabledFor(logging.DEBUG):
             _LOG.debug("headwise: step %d: %d decode rows, prefill chunks (q_offset, q_len) %s", self._step + 1,
                        nd, [(r.q_offset, r.q_len) for r in rows])
@@ -240,6 +248,15 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             tidal=self.tidal, static=md_static, batch_dense=batch_dense, decode_dense_op=decode_op,
             all_rows_dense=all(r.dense for r in rows) and decode_dense == nd, step=self._step)
 
+    def _prompt_lens(self, num_reqs: int) -> torch.Tensor | None:
+        """Each row's prompt length, read from the model runner's input batch (vLLM's
+        ``CommonAttentionMetadata`` does not carry it; the rows are the batch's first ``num_reqs``
+        requests in order). None when no runner built this builder (tests, other hosts): every
+        chunk then counts as ending its prompt (a dense tail too many, never one too few)."""
+        batch = getattr(self._runner, "input_batch", None)
+        lens = getattr(batch, "num_prompt_tokens_cpu_tensor", None)
+        return None if lens is None else lens[:num_reqs]
+
     # ------------------------------------------------------------------ static work
     def _static_work(self, rows: list[PrefillRow], block_table: torch.Tensor) -> dict[tuple, PrefillWork]:
         """Index (and op schedule) of every prefill row for every static layer group: once per step."""
@@ -252,7 +269,8 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                 index = build_layer_prefill_index(
                     lb.prefill_specs, lb.heads, lb.num_layer_heads, None, None, lb.kv_heads, row.q_offset,
                     row.total_len, settings.block_size, q_len=row.q_len, num_layer_kv_heads=lb.num_layer_kv_heads,
-                    dense_below=self.dense_below, dense_tail=settings.dense_tail, cache=cache)
+                    dense_below=self.dense_below, dense_tail=settings.dense_tail if row.ends_prompt else 0,
+                    cache=cache)
                 work[(sig, i)] = prefill_work(index, block_table[row.req], row, len(lb.heads), self.op)
         return work
 
@@ -271,6 +289,24 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                 lb = self.binding.for_layer(i)
                 if lb.decode_dense:
                     rec.add_keys(lb.layer, DECODE, causal, causal)
+
+
+def _model_runner():
+    """vLLM's model runner building this builder, found up the call stack (it owns ``input_batch``
+    and ``attn_groups``), or None: vLLM hands builders no reference to it, and only its input batch
+    knows where each request's prompt ends."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None and hasattr(owner, "input_batch") and hasattr(owner, "attn_groups"):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def _log_active(binding: PlanBinding, block_size: int, device) -> None:

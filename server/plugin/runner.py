@@ -37,14 +37,17 @@ KERNELS: dict[str, Any] = {
 
 
 def prefill_index(lb: LayerBinding, settings, q: torch.Tensor | None, k: torch.Tensor | None, q_offset: int,
-                  total_len: int, scale: float, *, q_len: int | None = None, cache: dict | None = None) -> SparseIndex:
+                  total_len: int, scale: float, *, q_len: int | None = None, cache: dict | None = None,
+                  ends_prompt: bool = True) -> SparseIndex:
     """The layer's index for one request's chunk. q: ``[Tq, Hq_local, D]`` (None when every spec is
-    static: pass ``q_len``); k: ``[S, Hkv_local, D]``, every key of the request (None if static)."""
+    static: pass ``q_len``); k: ``[S, Hkv_local, D]``, every key of the request (None if static).
+    ``ends_prompt``: the chunk holds the prompt's last token, so its last ``dense_tail`` queries are
+    the prompt's and attend densely (an earlier chunk of a chunked prefill has no dense tail)."""
     device = q.device if q is not None else (k.device if k is not None else torch.device("cpu"))
     return build_layer_prefill_index(
         lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k, lb.kv_heads.to(device), q_offset, total_len,
         settings.block_size, q_len=q_len, num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=settings.dense_below,
-        dense_tail=settings.dense_tail, scale=scale, cache=cache)
+        dense_tail=settings.dense_tail if ends_prompt else 0, scale=scale, cache=cache)
 
 
 def decode_selection(lb: LayerBinding, settings, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
