@@ -126,16 +126,21 @@ class Profile:
         self._first.start()
 
     def result(self) -> dict:
+        """The prefill's delta; under ``decode``, the rest of the request's (first token to end)."""
         if self._first is not None:
             self._first.join()
         if self._after_first is None:
             return {"error": "no first token was streamed"}
-        return profile_delta(self.before, self._after_first)
+        time.sleep(self.SETTLE_S)  # the last decode steps published
+        prefill = profile_delta(self.before, self._after_first)
+        if "error" not in prefill:
+            prefill["decode"] = profile_delta(self._after_first, self._read())
+        return prefill
 
 
 def profile_delta(before: dict, after: dict) -> dict:
     """Per-layer seconds (attention call, each timed part, host = call minus its timed parts) and
-    prefill density between two stats reads."""
+    prefill density between two stats reads; ``per_step``: the same totals per scheduler step."""
     if not after.get("profiling"):
         return {"error": "the server does not profile (HEADWISE_PROFILE=1 did not reach its workers)"}
     layers = []
@@ -155,6 +160,7 @@ def profile_delta(before: dict, after: dict) -> dict:
             "steps": after["steps"] - before["steps"],
             "plan_s": after["step_part_seconds"]["plan"] - before["step_part_seconds"]["plan"],
             "total": total,
+            "per_step_ms": {k: 1e3 * v / max(1, after["steps"] - before["steps"]) for k, v in total.items()},
             "prefill_density": (sum(d for d, _ in dens) / len(dens)) if dens else None,
             "layers": layers}
 

@@ -54,6 +54,10 @@ def test_the_layout_follows_the_plan():
     plan = _plan({"type": "dense"})
     assert not PlanBinding(plan).torch_reads_pages
     assert PlanBinding(_plan({"type": "window", "sink": 4, "window": 64})).torch_reads_pages
+    # the page grain: whole vLLM blocks only for sink/window prefill with dense decode
+    assert not PlanBinding(plan).coarse_pages  # layer 2 estimates (vertical-slash): fine pages
+    coarse = Plan.from_dict({**plan.model_dump(mode="json", exclude_none=True), "layers": {}})
+    assert PlanBinding(coarse).coarse_pages
 
 
 def _plan(decode: dict) -> Plan:

@@ -148,3 +148,18 @@ def test_binding_slices_heads_per_rank():
     assert layer_index("model.layers.17.self_attn.attn") == 17
     with pytest.raises(ValueError, match="cannot find the layer number"):
         layer_index("model.attn")
+
+
+def test_the_cpu_page_grain_follows_the_plan():
+    """Sink/window plans with dense decode read vLLM's whole blocks (stock's page size); plans that
+    estimate or select tokens (a_shape.json decodes with a window) keep 32-token pages."""
+    from pathlib import Path
+
+    from headwise.patterns.plan import load_plan
+    from headwise.server.plugin.plan_binding import PlanBinding
+
+    plans = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-instruct"
+    grain = {name: PlanBinding(load_plan(plans / f"{name}.json")).coarse_pages
+             for name in ("sparse", "dense", "a_shape", "mixed", "vertical_slash", "strided", "tidal")}
+    assert grain == {"sparse": True, "dense": True, "a_shape": False, "mixed": False, "vertical_slash": False,
+                     "strided": False, "tidal": False}, grain

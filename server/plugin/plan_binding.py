@@ -192,6 +192,15 @@ class PlanBinding:
         return list(range(start, start + self.local_heads))
 
     @property
+    def coarse_pages(self) -> bool:
+        """Every head prefills with a sink/window pattern or densely and decodes densely: such a plan
+        loses little when vLLM's op reads whole 128-token blocks instead of 32-token pages (the
+        A-shape's page-rounded window grows, its op time does not: ``cpu_ops``), and its dense work
+        then runs on the page size stock runs. Estimated and strided patterns keep fine pages."""
+        return all(s.type in COARSE_PREFILL for i in range(self.num_layers) for s in self.for_layer(i).prefill_specs) \
+            and not self.torch_reads_pages
+
+    @property
     def torch_reads_pages(self) -> bool:
         """Some layer decodes with a token-level selection, which the torch decode kernel reads from
         the cache pages in place (through ``kv_cache.split_kv``'s strided views): the CPU cache must
@@ -225,6 +234,9 @@ class PlanBinding:
             )
             self._layers[layer] = lb
         return lb
+
+
+COARSE_PREFILL = frozenset({"dense", "a_shape"})  # prefill types that tolerate vLLM's whole blocks as pages
 
 
 # ------------------------------------------------------------------------- inside the engine
