@@ -245,10 +245,25 @@ def _dense_heads(index: SparseIndex) -> torch.Tensor:
         if index.range_start.shape[2] else torch.zeros(index.num_heads, dtype=torch.bool)
 
 
+def merge_blocks(mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor, merge: int):
+    """Runs of ``merge`` consecutive query blocks as one virtual request each: the union of their
+    pages (``mask [H, NQB, P]``), from the first block's start to the last one's end. Exact in its
+    causal part (the blocks' own pages are the row's last, in order) and a superset elsewhere:
+    a block also reads the pages its neighbours keep before it."""
+    h, nqb, p = mask.shape
+    if merge <= 1 or nqb <= 1:
+        return mask, start, end
+    groups = -(-nqb // merge)
+    padded = torch.nn.functional.pad(mask, (0, 0, 0, groups * merge - nqb))
+    last = torch.clamp(torch.arange(groups) * merge + merge - 1, max=nqb - 1)
+    return padded.view(h, groups, merge, p).any(2), start[::merge], end[last]
+
+
 def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, isa: str = CACHE_ISA) -> OpSchedule:
+                 dtype: torch.dtype, isa: str = CACHE_ISA, merge: int = 1) -> OpSchedule:
     """The op calls for one prefill chunk's ``index`` (all local heads) over the request's cache pages
-    ``block_row``; heads that keep the same pages share a call."""
+    ``block_row``; heads that keep the same pages share a call. ``merge``: query blocks per virtual
+    request (``merge_blocks``)."""
     index = index.to("cpu")
     h = index.num_heads
     group = h // num_kv_heads
@@ -260,8 +275,8 @@ def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_
         one = plan_batch(torch.tensor([0, index.q_len]), torch.tensor([index.seq_len]), block_row[None], h,
                          num_kv_heads, head_dim, dtype, isa)
         return one
-    mask = page_mask(index, page)  # [H, NQB, P]
-    flat = mask.view(h, -1)
+    mask, start, end = merge_blocks(page_mask(index, page), start, end, merge)  # [H, rows, P]
+    flat = mask.reshape(h, -1)
     # heads with identical page sets, per KV head (a call reads one KV head unless all heads agree)
     sets: list[list[int]] = []
     for g in range(num_kv_heads):
