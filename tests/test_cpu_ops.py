@@ -180,3 +180,24 @@ def test_the_cpu_native_benchmark_runs_and_writes_its_figures(tmp_path):
     assert ("prefill", "dense", "op") in got and ("prefill", "dense", "torch") in got
     assert ("decode", "dense", "op") in got and ("decode", "dense", "torch") in got
     assert all(r["wall_s"] > 0 for r in data["rows"])
+
+
+def test_blocks_that_share_a_page_run_as_one_virtual_request():
+    """With 128-token pages two 64-query blocks live in one page: merged into one virtual request
+    (the union of their pages), the op still equals the oracle under the keys it reads, and every
+    key of the pattern is among them."""
+    page, s, q_offset = 128, 1500, 333
+    index = with_dense_tail(sink_window_index(torch.full((HQ,), 64), torch.full((HQ,), 257), s - q_offset, q_offset,
+                                              64), 64)
+    q, k, v, kv, row = _paged(s, s - q_offset, seed=4, page=page)
+    single = cpu_ops.plan_prefill(index, row, page, HKV, D, torch.bfloat16, merge=1)
+    merged = cpu_ops.plan_prefill(index, row, page, HKV, D, torch.bfloat16, merge=2)
+    assert merged.calls[0].block_table.shape[0] == -(-index.num_q_blocks // 2) < single.calls[0].block_table.shape[0]
+    pm, _, _ = cpu_ops.merge_blocks(cpu_ops.page_mask(index, page), torch.zeros(index.num_q_blocks),
+                                    torch.zeros(index.num_q_blocks), 2)  # [H, groups, P]
+    qpos = q_offset + torch.arange(index.q_len)
+    keys = pm[:, torch.arange(index.q_len) // (2 * index.block_m)][..., torch.arange(s) // page]
+    keys &= (torch.arange(s)[None, :] <= qpos[:, None])[None]
+    assert bool((keys | ~index.to_dense_mask()).all()) and merged.kept_pairs == int(keys.sum())
+    want, _ = masked_attention_reference(q, k, v, keys, D ** -0.5)
+    torch.testing.assert_close(cpu_ops.run(q, kv, merged, D ** -0.5).float(), want, atol=2e-2, rtol=0)

@@ -198,12 +198,16 @@ def page_mask(index: SparseIndex, page: int) -> torch.Tensor:
     return mask | own[None]
 
 
-def page_index(index: SparseIndex, page: int) -> SparseIndex:
-    """The index vLLM's op actually computes for ``index``: every page ``page_mask`` marks, as key
+def page_index(index: SparseIndex, page: int, merge: int = 1) -> SparseIndex:
+    """The index vLLM's op actually computes for ``index``: every page ``page_mask`` marks (with
+    ``merge`` blocks per virtual request, the union of each run's pages: ``merge_blocks``), as key
     ranges (causal on top). Hosts without the paged op (the transformers integration) run it to
     attend to exactly the keys the engine attends to on the same machine."""
     mask = page_mask(index.to("cpu"), page)  # [H, NQB, P]
     h, nqb, p = mask.shape
+    if merge > 1:
+        runs, _, _ = merge_blocks(mask, torch.zeros(nqb), torch.zeros(nqb), merge)
+        mask = runs[:, torch.arange(nqb) // merge]
     prev = torch.nn.functional.pad(mask, (1, 0))[..., :p]
     nxt = torch.nn.functional.pad(mask, (0, 1))[..., 1:]
     starts, ends = mask & ~prev, mask & ~nxt
@@ -257,6 +261,12 @@ def merge_blocks(mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor, mer
     padded = torch.nn.functional.pad(mask, (0, 0, 0, groups * merge - nqb))
     last = torch.clamp(torch.arange(groups) * merge + merge - 1, max=nqb - 1)
     return padded.view(h, groups, merge, p).any(2), start[::merge], end[last]
+
+
+def block_merge(page: int, block_m: int) -> int:
+    """Query blocks per virtual request: those that share a cache page read (nearly) the same pages.
+    (128-token pages, 64-query blocks: 3.96 -> 3.44 ms for the default plan's 2K chunk at 32K.)"""
+    return max(1, page // block_m)
 
 
 def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_heads: int, head_dim: int,

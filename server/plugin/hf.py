@@ -17,8 +17,9 @@ which hands the layer to the ``HeadwiseRuntime`` that ``attach_plan`` bound to t
   ``reuse`` layers after them read within the same forward.
 
 Same plan, same layer runner (``runner.py``: index and selection building, kernel launch, kept-pair
-counting) as the vLLM backend. On CPU the engine's op reads whole 32-token pages (a superset of each
-prefill index); ``attach_plan`` rounds the same way there by default, so both attend to the same keys. Batches may be left-padded: each row
+counting) as the vLLM backend. On CPU the engine's op reads whole pages (a superset of each prefill
+index: 32 tokens, or vLLM's 128-token blocks for sink/window plans, ``plan_binding.cpu_page``);
+``attach_plan`` rounds the same way there by default, so both attend to the same keys. Batches may be left-padded: each row
 is cut (prefill) or shifted (decode) so that its first real token sits at position 0, which is
 also what the RoPE positions of ``generate`` assume. Right padding is refused with a message.
 A ``capture`` hook gives the profiler every layer's q/k while attention runs densely.
@@ -37,7 +38,7 @@ from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
 from . import cpu_ops, runner
-from .plan_binding import PlanBinding
+from .plan_binding import FINE_PAGE, PlanBinding, cpu_page
 
 ATTN_NAME = "headwise"
 # capture(layer, q [S, Hq, D], k [S, Hkv, D]) for one request's whole prompt (after RoPE)
@@ -90,7 +91,7 @@ class HeadwiseRuntime:
             index = runner.prefill_index(self.binding.for_layer(layer), st, q, k, s - tq, s + st.planned_generation,
                                          scale, cache=self._static_cache)
             if self.pages:
-                index = cpu_ops.page_index(index, self.pages)
+                index = cpu_ops.page_index(index, self.pages, cpu_ops.block_merge(self.pages, index.block_m))
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal
         self.kept["prefill"] += fast_density(index) * causal
@@ -216,7 +217,8 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
     ``plan=None`` runs dense attention through the same kernels (the profiler's capture mode).
     ``pages``: prefill reads whole pages of this many tokens, the superset of each index that
     vLLM's CPU op computes; ``"auto"`` does so where the engine would (a CPU model whose dtype and
-    head size the op runs: 32-token pages), ``None`` runs every index exactly (the GPU kernels' way).
+    head size the op runs: the engine's page for this plan, ``plan_binding.cpu_page``), ``None``
+    runs every index exactly (the GPU kernels' way).
     The model must have been loaded with ``attn_implementation="headwise"`` (or switched to it).
     Raises ``PlanError`` when the plan was made for another geometry.
     """
@@ -238,7 +240,8 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
         plan.check_geometry(*geometry, source=getattr(config, "_name_or_path", None) or "the model")
     if pages == "auto":
         param = next(model.parameters())
-        pages = 32 if param.device.type == "cpu" and cpu_ops.available(param.dtype, geometry[3]) else None
+        on_op = param.device.type == "cpu" and cpu_ops.available(param.dtype, geometry[3])
+        pages = (cpu_page(plan) if plan is not None else FINE_PAGE) if on_op else None
     runtime = HeadwiseRuntime(plan, *geometry, capture=capture, pages=pages)
     modules = _attention_modules(model)
     if len(modules) != geometry[0]:

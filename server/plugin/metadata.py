@@ -102,7 +102,8 @@ def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, n
     cache (``op``; kept pairs page-rounded), else the torch kernel's (kept pairs exact)."""
     causal = row.causal_pairs * num_heads
     if op is not None and index.device.type == "cpu":
-        schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype, op.isa)
+        schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype, op.isa,
+                                        merge=cpu_ops.block_merge(op.page, index.block_m))
         return PrefillWork(index, schedule, schedule.kept_pairs, causal)
     dens = 1.0 if row.dense else fast_density(index)
     return PrefillWork(index, None, round(dens * causal), causal)

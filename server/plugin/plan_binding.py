@@ -237,6 +237,14 @@ class PlanBinding:
 
 
 COARSE_PREFILL = frozenset({"dense", "a_shape"})  # prefill types that tolerate vLLM's whole blocks as pages
+VLLM_CPU_BLOCK = 128  # vLLM's default KV block size on CPU
+FINE_PAGE = 32  # the kernel page of plans that estimate or select tokens
+
+
+def cpu_page(plan: Plan) -> int:
+    """The page vLLM's CPU op reads for this plan with vLLM's default block size (the backend's
+    ``get_supported_kernel_block_sizes``): whole blocks for ``coarse_pages`` plans, else 32."""
+    return VLLM_CPU_BLOCK if PlanBinding(plan).coarse_pages else FINE_PAGE
 
 
 # ------------------------------------------------------------------------- inside the engine
