@@ -16,18 +16,11 @@ from headwise.server.plugin.impl import HeadwiseImpl
 from headwise.server.plugin.kv_cache import read_kv
 from headwise.server.plugin.metadata import HeadwiseMetadataBuilder
 from headwise.server.plugin.plan_binding import PlanBinding
+from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 HQ, HKV, D, BS = 6, 2, 64, 32
 AMX = cpu_ops.available(torch.bfloat16, D) and cpu_ops.stock_isa(torch.bfloat16, BS, D) == cpu_ops.AMX_ISA
 pytestmark = pytest.mark.skipif(not AMX, reason="stock vLLM would not run its AMX code path on this CPU")
-
-
-@pytest.fixture(autouse=True)
-def fresh_recorder(monkeypatch):
-    monkeypatch.setattr(stats, "_RECORDER", None)
-    yield
-    if stats._RECORDER is not None:
-        stats._RECORDER.stop()
 
 
 def test_amx_pages_read_back_in_token_order():
