@@ -81,18 +81,23 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch
     vertical = torch.zeros(h_total, s, dtype=torch.float32, device=dev)
     slash = torch.zeros(h_total, s + 1, dtype=torch.float32, device=dev)  # slot s: future pairs (p = 0)
     q_pos = q_pos.to(dev).long().view(-1, 1)  # [L, 1]
-    tile = max(64, _CHUNK_ELEMS // 16 // max(1, l_len))
+    # probes at consecutive positions (the chunk's last queries): a diagonal of p is a diagonal of
+    # the probe x key tile, summed through a strided view instead of a scatter
+    consecutive = l_len > 0 and bool((q_pos[:, 0] == q_pos[0, 0] + torch.arange(l_len, device=dev)).all())
     kvh = kv_heads.to(dev).long()
-    for h in range(h_total):
-        qh = q_last[:, h].float()  # [L, D]
-        g = kvh[h:h + 1]
+    for g in torch.unique(kvh).tolist():
+        hs = torch.nonzero(kvh == g).squeeze(1)  # the query heads reading KV head g, scored together
+        n = hs.numel()
+        qg = q_last.index_select(1, hs).float().transpose(0, 1).reshape(n * l_len, -1)  # [n*L, D]
+        pos = q_pos.repeat(n, 1)  # [n*L, 1]
+        tile = max(64, _CHUNK_ELEMS // 16 // max(1, n * l_len))
 
-        def logits(t0: int, t1: int) -> torch.Tensor:  # [L, t] with -inf on future keys
-            x = (qh @ k[t0:t1].index_select(1, g)[:, 0].float().T) * sc
-            return x.masked_fill_(torch.arange(t0, t1, device=dev).view(1, -1) > q_pos, float("-inf"))
+        def logits(t0: int, t1: int) -> torch.Tensor:  # [n*L, t] with -inf on future keys
+            x = (qg @ k[t0:t1, g].float().T) * sc
+            return x.masked_fill_(torch.arange(t0, t1, device=dev).view(1, -1) > pos, float("-inf"))
 
-        m = torch.full((l_len, 1), float("-inf"), device=dev)
-        z = torch.zeros(l_len, 1, device=dev)
+        m = torch.full((n * l_len, 1), float("-inf"), device=dev)
+        z = torch.zeros(n * l_len, 1, device=dev)
         for t0 in range(0, s, tile):
             x = logits(t0, min(s, t0 + tile))
             m_new = torch.maximum(m, x.amax(-1, keepdim=True))
@@ -101,11 +106,31 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch
         lse = m + torch.log(z)
         for t0 in range(0, s, tile):
             t1 = min(s, t0 + tile)
-            p = torch.exp(logits(t0, t1) - lse)  # [L, t]
-            vertical[h, t0:t1] = p.sum(0)
-            offs = q_pos - torch.arange(t0, t1, device=dev).view(1, -1)
-            slash[h].scatter_add_(0, torch.where(offs >= 0, offs, s).flatten(), p.flatten())
+            p = torch.exp(logits(t0, t1) - lse).view(n, l_len, t1 - t0)  # [n, L, t]
+            vertical[hs, t0:t1] = p.sum(1)
+            if consecutive:
+                _add_diagonals(slash, hs, p, int(q_pos[0, 0]) - t0)
+            else:
+                offs = (q_pos - torch.arange(t0, t1, device=dev).view(1, -1)).expand(n, -1, -1)
+                idx = torch.where(offs >= 0, offs, s).reshape(n, -1)
+                slash[hs] = slash[hs].scatter_add_(1, idx, p.reshape(n, -1))
     return vertical, slash[:, :s]
+
+
+def _add_diagonals(slash: torch.Tensor, heads: torch.Tensor, p: torch.Tensor, first: int) -> None:
+    """``slash[h, o] += p[h, l, j]`` over every ``o = first + l - j >= 0`` (probe ``l`` at position
+    ``first + l + t0``, key ``t0 + j``): each diagonal of ``p [n, L, t]`` summed through a strided view
+    of ``p`` padded by ``L - 1`` zeros on both sides."""
+    n, l_len, t = p.shape
+    padded = torch.nn.functional.pad(p, (l_len - 1, l_len - 1))  # [n, L, t + 2L - 2], contiguous
+    width = padded.shape[2]
+    # diag[h, c] = sum over l of p[h, l, j] with j - l = c - (L - 1)
+    diag = padded.as_strided((n, l_len, t + l_len - 1), (l_len * width, width + 1, 1)).sum(1)
+    o_max, o_min = first + l_len - 1, first - t + 1  # offsets of c = 0 and c = t + L - 2
+    lo = max(o_min, 0)
+    if o_max < lo:
+        return
+    slash[heads, lo:o_max + 1] += diag.flip(1)[:, lo - o_min:]
 
 
 def topk_forced(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None,

@@ -43,6 +43,28 @@ def test_vertical_slash_scores_match_loops(h, hkv, s, n_probe):
                                rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("h,hkv", [(9, 3), (8, 2)])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_vertical_slash_scores_across_key_tiles(h, hkv, consecutive, monkeypatch):
+    """Many key tiles (a tiny tile budget), probes at consecutive positions (the diagonal view) or not
+    (the scatter), against the fp64 loops."""
+    monkeypatch.setattr(estimate, "_CHUNK_ELEMS", 1)  # the 64-key minimum tile: 5 tiles over 300 keys
+    torch.manual_seed(h + consecutive)
+    s, n_probe = 300, 24
+    q = torch.randn(n_probe, h, 16)
+    k = torch.randn(s, hkv, 16)
+    kv = torch.arange(h) // (h // hkv)
+    q_pos = list(range(s - n_probe, s)) if consecutive else sorted(torch.randperm(s)[:n_probe].tolist())
+    vert, slash = estimate.vertical_slash_scores(q, k, kv, torch.tensor(q_pos))
+    probs = last_q_probs_fp64(q, k, kv.tolist(), q_pos, 1 / math.sqrt(16))
+    want_s = torch.zeros(h, s, dtype=torch.float64)
+    for i, p in enumerate(q_pos):
+        for j in range(p + 1):
+            want_s[:, p - j] += probs[:, i, j]
+    torch.testing.assert_close(vert.double(), probs.sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slash.double(), want_s, rtol=1e-5, atol=1e-6)
+
+
 @FAST
 @given(st.integers(1, 40), st.integers(0, 45), st.data())
 def test_topk_forced_keeps_forced_then_the_best(n, k, data):
