@@ -37,7 +37,8 @@ from . import cpu_ops, runner
 from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
-from .stats import get_recorder, phase
+from .stats import get_recorder
+from .timing import phase
 
 PREFILL, DECODE = 0, 1
 

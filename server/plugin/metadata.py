@@ -44,7 +44,8 @@ from headwise.patterns.tidal import TidalState
 
 from . import cpu_ops
 from .plan_binding import LayerBinding, PlanBinding, worker_binding
-from .stats import StatsRecorder, init_recorder, stats_dir_from_env, step_phase
+from .stats import StatsRecorder, init_recorder, stats_dir_from_env
+from .timing import step_phase
 
 _LOG = init_logger("vllm.headwise")
 PREFILL, DECODE = 0, 1  # stats phases

@@ -13,8 +13,8 @@ pairs dense causal attention would read. Their ratio per layer and phase is the 
 
 Profiling (``HEADWISE_PROFILE=1``): the recorder also sums, per layer, the seconds of each named part
 of the attention call (``PROFILE_PARTS``: the kernels, index building, copies, decode selection,
-the K/V write) and, per step, the metadata build (``plan``); ``phase(layer, part)`` times one
-part (a no-op when profiling is off). ``stock_timing.py`` times vLLM's own CPU attention the same
+the K/V write) and, per step, the metadata build (``plan``); ``timing.phase(layer, part)`` times
+one part (a no-op when profiling is off). ``stock_timing.py`` times vLLM's own CPU attention the same
 way, so one profile compares stock with headwise part by part. On CUDA a timed part synchronises
 the device first and last, so its seconds are the device's, not the launch's.
 """
@@ -27,7 +27,6 @@ import socket
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -226,64 +225,6 @@ def init_recorder(**kwargs) -> StatsRecorder:
         _RECORDER = StatsRecorder(**kwargs)
         _RECORDER.start()
     return _RECORDER
-
-
-class _Part:
-    """Times one part of a layer's attention call into the recorder (see ``phase``)."""
-
-    __slots__ = ("rec", "layer", "part", "started", "sync")
-
-    def __init__(self, rec: StatsRecorder, layer: int, part: str):
-        self.rec, self.layer, self.part = rec, layer, part
-        self.sync = rec.device == "cuda"
-
-    def __enter__(self) -> None:
-        if self.sync:
-            _cuda_sync()
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        if self.sync:
-            _cuda_sync()
-        self.rec.add_part(self.layer, self.part, time.perf_counter() - self.started)
-
-
-def _cuda_sync() -> None:
-    import torch
-
-    torch.cuda.synchronize()
-
-
-_OFF = nullcontext()
-
-
-def phase(layer: int, part: str):
-    """``with phase(layer, "kernel"): ...`` adds the block's seconds to the layer's part when the
-    process profiles (``HEADWISE_PROFILE=1``); otherwise a shared no-op context."""
-    rec = _RECORDER
-    if rec is None or not rec.profiling:
-        return _OFF
-    return _Part(rec, layer, part)
-
-
-def step_phase(part: str):
-    """The same for a per-step part (``plan``: the metadata builder)."""
-    rec = _RECORDER
-    if rec is None or not rec.profiling:
-        return _OFF
-    return _StepPart(rec, part)
-
-
-class _StepPart(_Part):
-    __slots__ = ()
-
-    def __init__(self, rec: StatsRecorder, part: str):
-        super().__init__(rec, -1, part)
-
-    def __exit__(self, *exc) -> None:
-        if self.sync:
-            _cuda_sync()
-        self.rec.add_step_part(self.part, time.perf_counter() - self.started)
 
 
 # ------------------------------------------------------------------------------ reading

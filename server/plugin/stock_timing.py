@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import time
 
-from .stats import get_recorder, init_recorder, phase, stats_dir_from_env, step_phase
+from .stats import get_recorder, init_recorder, stats_dir_from_env
+from .timing import phase, step_phase
 
 _installed = False
 
