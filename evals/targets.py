@@ -37,7 +37,8 @@ class HFTarget:
 
     concurrent = False
 
-    def __init__(self, model_dir: str, plan: str = "dense", dtype: str = "bfloat16"):
+    def __init__(self, model_dir: str, plan="dense", dtype: str = "bfloat16"):
+        """``plan``: a plan file, a ``Plan`` (the profiler validates the one it made), or ``"dense"``."""
         import json
 
         from transformers import AutoTokenizer
@@ -53,13 +54,15 @@ class HFTarget:
             p = Plan(model=ModelGeometry(**{k: geo[k] for k in ("architecture", "num_layers", "num_heads",
                                                                  "num_kv_heads", "head_dim")}),
                      settings=Settings(dense_below=0), description="dense (headwise eval)")
+        elif isinstance(plan, Plan):
+            p, plan = plan, plan.description or "plan"
         else:
             p = load_plan(plan)
         self.model = hf.load_model(model_dir, dtype)
         hf.attach_plan(self.model, p)
         self.max_len = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
         self.plan, self.model_dir = plan, model_dir
-        self.label = f"hf-{Path(plan).stem}"
+        self.label = f"hf-{Path(plan).stem}" if len(plan) < 100 else "hf-plan"
 
     def describe(self) -> dict:
         return {"kind": "hf", "model": self.model_dir, "plan": self.plan, "max_len": self.max_len}

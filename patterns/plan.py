@@ -134,6 +134,9 @@ def _with_dense_tail(density: float, length: int, tail: int, block_m: int) -> fl
 class Plan(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     description: str | None = None
+    provenance: dict[str, Any] | None = Field(None, description=(
+        "how the plan was made (written by `headwise profile`: model, calibration lengths and seeds, budget, "
+        "measured costs, validation scores, headwise version); informational"))
     model: ModelGeometry
     settings: Settings = Field(default_factory=Settings)
     default: HeadSpec = Field(default_factory=HeadSpec)
@@ -309,7 +312,8 @@ class Plan(_Strict):
 
     @classmethod
     def from_tables(cls, model: ModelGeometry, prefill: list[list[Any]], decode: list[list[Any]],
-                    settings: Settings | None = None, description: str | None = None) -> "Plan":
+                    settings: Settings | None = None, description: str | None = None,
+                    provenance: dict | None = None) -> "Plan":
         """A plan from full ``[layer][head]`` tables (what a profiler produces), stored compactly."""
         default, layers = compress(prefill, decode)
         data = {"model": model.model_dump(mode="json", exclude_none=True),
@@ -317,6 +321,8 @@ class Plan(_Strict):
                 "default": default, "layers": layers}
         if description:
             data["description"] = description
+        if provenance:
+            data["provenance"] = provenance
         return cls.from_dict(data)
 
 

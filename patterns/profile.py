@@ -45,14 +45,16 @@ def describe(spec: PatternModel) -> str:
 
 
 # ------------------------------------------------------------------------- sampling
-def sample_blocks(seq_len: int, n_blocks: int, block_m: int = 64) -> list[int]:
+def sample_blocks(seq_len: int, n_blocks: int, block_m: int = 64, tail: int = 0) -> list[int]:
     """Query blocks to score: the last one plus ``n_blocks - 1`` spread evenly over the second half.
 
     Early queries see few keys, so every pattern keeps nearly all their mass; they say little
     about a pattern and would dilute the average. The last block holds the question of a
-    retrieval prompt. Returns sorted, unique block numbers.
+    retrieval prompt. ``tail``: the last queries that serving attends densely whatever the
+    pattern (the plan's ``dense_tail``): blocks wholly inside it are not scored. Returns sorted,
+    unique block numbers.
     """
-    nqb = -(-seq_len // block_m)
+    nqb = -(-max(0, seq_len - tail) // block_m)
     if nqb == 0 or n_blocks <= 0:
         return []
     first = nqb // 2
@@ -104,9 +106,9 @@ class RowSample:
 
     @classmethod
     def from_qk(cls, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, n_blocks: int = 4,
-                block_m: int = 64, scale: float | None = None) -> "RowSample":
+                block_m: int = 64, scale: float | None = None, tail: int = 0) -> "RowSample":
         """q: ``[S, H, D]`` every query of the prompt; k: ``[S, Hkv, D]``."""
-        blocks = sample_blocks(q.shape[0], n_blocks, block_m)
+        blocks = sample_blocks(q.shape[0], n_blocks, block_m, tail)
         rows = block_rows(blocks, q.shape[0], block_m).to(q.device)
         probs = estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
         prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
@@ -136,23 +138,46 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
     return (in_ranges + in_cols).float()
 
 
+def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+    """``[H]`` one minus the relative error of the sampled rows' attention *output* under ``index``.
+
+    The sparse attention of a query is its dense softmax renormalised over the kept keys, so its
+    output is ``(P * M) V / (P * M).sum()`` against the dense ``P V``; the error
+    ``|o_sparse - o_dense| / |o_dense|`` (clipped to 1) is what the next layer actually receives
+    wrong, where kept mass only counts probability: two patterns that drop the same mass can drop
+    keys whose values differ (a sink whose value is near zero costs little to lose). v: ``[S, Hkv, D]``.
+    """
+    mask = rows_mask(index, sample.blocks)  # [H, n, S]
+    probs = sample.probs
+    vh = v[:, kv_heads.to(v.device)].transpose(0, 1).float()  # [H, S, D]
+    dense = torch.bmm(probs, vh)
+    kept = probs * mask
+    sparse = torch.bmm(kept, vh) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    err = (sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)
+    return (1.0 - err.clamp(max=1.0)).mean(-1)
+
+
 # -------------------------------------------------------------------------- scoring
 @dataclass
 class LayerScore:
-    """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``, and
-    the row sample they were measured on (the decode scorer reuses its probabilities)."""
+    """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``,
+    ``quality [H, C]`` (``output_quality``; None without values) and the row sample they were
+    measured on (the decode scorer reuses its probabilities)."""
 
     mass: np.ndarray
     density: np.ndarray
     sample: RowSample | None = None
+    quality: np.ndarray | None = None
 
 
 def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternModel], *, layer_heads: int,
                 layer_kv_heads: int, n_blocks: int = 4, block_m: int = 64, scale: float | None = None,
-                build: BuildFn = build_prefill, total_len: int | None = None) -> LayerScore:
+                build: BuildFn = build_prefill, total_len: int | None = None, v: torch.Tensor | None = None,
+                tail: int = 0) -> LayerScore:
     """Score every candidate on every head of one layer of one prompt.
 
-    q: ``[S, Hq, D]`` (every query of the prompt, RoPE applied); k: ``[S, Hkv, D]``.
+    q: ``[S, Hq, D]`` (every query of the prompt, RoPE applied); k, v: ``[S, Hkv, D]`` (v optional:
+    it adds ``output_quality``); ``tail``: the plan's dense tail (``sample_blocks``).
     Each candidate's index is built once for all heads (as serving would, with the layer's
     global head numbering), then judged on the sampled rows.
     """
@@ -161,18 +186,21 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
         raise ValueError(f"score_layer: q/k have {hq}/{k.shape[1]} heads, expected {layer_heads}/{layer_kv_heads}")
     group = hq // layer_kv_heads
     kv_heads = torch.arange(hq) // group
-    sample = RowSample.from_qk(q, k, kv_heads, n_blocks, block_m, scale)
+    sample = RowSample.from_qk(q, k, kv_heads, n_blocks, block_m, scale, tail)
     mass = np.zeros((hq, len(candidates)))
     density = np.zeros((hq, len(candidates)))
+    quality = np.zeros((hq, len(candidates))) if v is not None else None
     for c, spec in enumerate(candidates):
         inp = PrefillInputs(heads=list(range(hq)), num_layer_heads=hq, q_offset=0, q_len=s,
                             total_len=total_len or s, q=q, k=k, kv_heads=kv_heads, block_m=block_m,
                             num_layer_kv_heads=layer_kv_heads, scale=scale)
         index = build(spec, inp)
-        mass[:, c] = kept_mass(index, sample).mean(-1).numpy()
+        mass[:, c] = kept_mass(index, sample).mean(-1).cpu().numpy()
+        if quality is not None:
+            quality[:, c] = output_quality(index, sample, v, kv_heads).cpu().numpy()
         for h in range(hq):
             density[h, c] = fast_density(index.select_heads([h]))
-    return LayerScore(mass, density, sample)
+    return LayerScore(mass, density, sample, quality)
 
 
 @dataclass
@@ -185,17 +213,23 @@ class ProfileScores:
     lengths: list[int]
     mass_sum: np.ndarray = field(init=False)
     density_sum: np.ndarray = field(init=False)
+    quality_sum: np.ndarray | None = field(init=False)  # None until a score with output quality arrives
     count: np.ndarray = field(init=False)  # [layers, lengths] prompts seen
 
     def __post_init__(self) -> None:
         shape = (self.num_layers, self.num_heads, len(self.candidates), len(self.lengths))
         self.mass_sum = np.zeros(shape)
         self.density_sum = np.zeros(shape)
+        self.quality_sum = None
         self.count = np.zeros((self.num_layers, len(self.lengths)), dtype=np.int64)
 
     def add(self, layer: int, length_index: int, score: LayerScore) -> None:
         self.mass_sum[layer, :, :, length_index] += score.mass
         self.density_sum[layer, :, :, length_index] += score.density
+        if score.quality is not None:
+            if self.quality_sum is None:
+                self.quality_sum = np.zeros_like(self.mass_sum)
+            self.quality_sum[layer, :, :, length_index] += score.quality
         self.count[layer, length_index] += 1
 
     def _mean(self, total: np.ndarray) -> np.ndarray:
@@ -211,6 +245,12 @@ class ProfileScores:
     def density(self) -> np.ndarray:
         """``[layers, heads, candidates, lengths]`` mean density."""
         return self._mean(self.density_sum)
+
+    def quality(self) -> np.ndarray:
+        """``[layers, heads, candidates, lengths]`` mean output quality (``output_quality``)."""
+        if self.quality_sum is None:
+            raise ValueError("ProfileScores: no output quality was measured (the capture handed no values)")
+        return self._mean(self.quality_sum)
 
 
 # ---------------------------------------------------------------------------- MILP
@@ -229,7 +269,9 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
                     time_limit: float = 60.0) -> Choice:
     """One candidate per head maximising kept mass under a density budget (HiGHS MILP).
 
-    mass, density: ``[L, H, C, N]`` (layers, heads, candidates, lengths). The constraint is on
+    mass, density: ``[L, H, C, N]`` (layers, heads, candidates, lengths): any per-head objective
+    to maximise (kept mass, output quality) and any additive cost (density, measured time as a
+    fraction of dense's: the profiler passes either). The constraint is on
     the mean density over heads and lengths (``per_length``: at every length). ``allowed``
     ``[L, H, C]`` bool forbids choices (e.g. forcing a layer dense). ``max_per_layer`` bounds the
     distinct candidates one layer may use.
@@ -247,11 +289,14 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
     d_all = density.reshape(n_x, n_len)
     d = d_all.mean(-1)
     # the cheapest allowed choice per head bounds what any plan can reach: say so instead of "infeasible"
-    cheapest = np.where(allowed, density.mean(-1), np.inf).min(-1)  # [L, H]
-    floor = float(cheapest.mean())
+    if per_length:  # the tightest length decides
+        floor = float(np.where(allowed[..., None], density, np.inf).min(2).mean((0, 1)).max())
+    else:
+        floor = float(np.where(allowed, density.mean(-1), np.inf).min(-1).mean())
     if floor > budget + 1e-9:
-        raise ValueError(f"choose_patterns: density budget {budget:.3f} is below {floor:.3f}, the sparsest "
-                         f"mean density the allowed candidates can reach; raise the budget or add sparser candidates")
+        raise ValueError(f"choose_patterns: budget {budget:.3f} is below {floor:.3f}, the lowest mean cost "
+                         f"(density or time vs dense) the allowed candidates can reach; raise the budget or add "
+                         f"cheaper candidates")
 
     n_y = n_layers * n_cand if max_per_layer else 0
     n_var = n_x + n_y
@@ -296,7 +341,7 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
 def default_candidates(max_len: int, sink: int = 64) -> list[PatternModel]:
     """The search space, scaled to the longest calibration length ``max_len``.
 
-    Windows and budgets are fractions of ``max_len`` (a 2K profile tries windows of 128..1024),
+    Windows and budgets are fractions of ``max_len`` (an 8K profile tries windows of 129..4097),
     so the same call serves an 8K or 32K profile. Dense is always a candidate: a head that loses
     too much under every sparse pattern stays dense, and so may whole layers.
     """
@@ -312,7 +357,9 @@ def default_candidates(max_len: int, sink: int = 64) -> list[PatternModel]:
 
     blocks = max(1, max_len // 64)
     out: list[PatternModel] = [Dense()]
-    out += [AShape(sink=sink, window=r64(max_len * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)]
+    # windows of whole 32-token pages plus the query itself (32k+1): on vLLM's CPU op they read no
+    # partial page, so what the op computes is what the pattern keeps
+    out += [AShape(sink=sink, window=r64(max_len * f) + 1) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)]
     # vertical budgets grow with length; the forced local diagonals stay near one block (their
     # windows already cover a block each), so most of the budget goes to columns
     out += [VerticalSlash(vertical=r64(max_len * f), slash=s, local_diagonals=min(s, 100))

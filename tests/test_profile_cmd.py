@@ -10,7 +10,7 @@ from headwise.server.commands.cli import main
 from headwise.server.commands.profile_cmd import Measurements, ProfileConfig, make_plan, measure
 
 CFG = ProfileConfig(lengths=(256, 320), prompts=1, density_budget=0.7, num_layers=2, sample_blocks=2,
-                    dtype="float32")
+                    dtype="float32", cost="density", validate_cases=0)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def test_plan_meets_the_budget_and_covers_the_whole_model(measured):
     assert any(plan.prefill(l, h).type != "dense" for l in range(2) for h in range(9))
     shortest = min(min(v) for v in measured.prompt_tokens.values())
     assert plan.settings.dense_below == shortest // 64 * 64  # sparse from the shortest measured prompt
-    assert "headwise profile" in plan.description and "density_budget=0.7" in plan.description
+    assert "headwise profile" in plan.description and plan.provenance["budget"] == 0.7
+    assert plan.provenance["objective"] == "output" and plan.provenance["lengths"] == [256, 320]
+    assert plan.settings.dense_tail == CFG.dense_tail
 
 
 def test_saved_measurements_reproduce_the_plan_through_the_cli(measured, tmp_path):
@@ -43,10 +45,14 @@ def test_saved_measurements_reproduce_the_plan_through_the_cli(measured, tmp_pat
     measured.save(scores)
     expected, _ = make_plan(measured, CFG)
     rc = main(["profile", "--out", str(out), "--from-scores", str(scores), "--lengths", "256,320",
-               "--density-budget", "0.7", "--decode", "auto"])
+               "--density-budget", "0.7", "--decode", "auto", "--cost", "density", "--validate-cases", "0"])
     assert rc == 0
     got = load_plan(out)
-    strip = lambda p: {k: v for k, v in json.loads(p.to_json()).items() if k != "description"}  # noqa: E731
+    def strip(p):  # what differs between two runs: the time they were made
+        d = json.loads(p.to_json())
+        d["provenance"] = {k: v for k, v in d["provenance"].items() if k not in ("created", "measure_seconds")}
+        return d
+
     assert strip(got) == strip(expected)
     assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
 
@@ -65,5 +71,40 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, args, messa
 def test_a_budget_no_plan_can_meet_is_a_clear_error(measured, tmp_path, capsys):
     scores = tmp_path / "m.npz"
     measured.save(scores)
-    rc = main(["profile", "--out", str(tmp_path / "p.json"), "--from-scores", str(scores), "--density-budget", "0.01"])
+    rc = main(["profile", "--out", str(tmp_path / "p.json"), "--from-scores", str(scores), "--density-budget", "0.01",
+               "--cost", "density", "--validate-cases", "0"])
     assert rc == 1 and "below" in capsys.readouterr().err
+
+
+def test_candidates_are_priced_by_their_measured_time_and_the_plan_holds_the_time_budget(measured):
+    """--cost time: every candidate timed as the server runs it; the MILP keeps the plan's attention
+    time vs dense under the budget at every length (a property of the solve, not of the machine)."""
+    import dataclasses
+
+    from headwise.server.commands.profile_cost import measure_costs, relative
+
+    cands = measured.scores.candidates
+    costs = measure_costs(cands, 9, 3, 64, measured.scores.lengths, dtype=__import__("torch").float32, repeats=1)
+    assert costs.shape == (len(cands), 2) and (costs > 0).all()
+    assert (relative(costs)[0] == 1.0).all()  # candidate 0 is dense
+    timed = dataclasses.replace(measured, costs=costs, cost_device="cpu")
+    budget = float(relative(costs).min(0).max()) + 0.05  # feasible whatever the timings were
+    cfg = dataclasses.replace(CFG, cost="time", time_budget=budget)
+    plan, report = make_plan(timed, cfg)
+    assert all(v <= budget + 1e-6 for v in report["attention_time_vs_dense"].values())
+    assert set(report["candidate_seconds"]) and plan.provenance["cost_device"] == "cpu"
+    with pytest.raises(ValueError, match="no timings"):
+        make_plan(measured, cfg)  # measured with --cost density: nothing to price by time
+
+
+def test_the_plan_is_validated_on_the_eval_suite_and_a_miss_is_written_with_a_warning(measured, tmp_path, capsys):
+    scores, out = tmp_path / "m.npz", tmp_path / "p.json"
+    measured.save(scores)
+    rc = main(["profile", "--out", str(out), "--from-scores", str(scores), "--lengths", "256,320",
+               "--density-budget", "0.7", "--cost", "density", "--validate-cases", "1",
+               "--validate-tasks", "niah_single", "--accuracy-target", "-1"])  # a target no plan meets
+    assert rc == 0
+    v = load_plan(out).provenance["validation"]
+    assert set(v["scores"]) == {"dense", "plan"} and set(v["scores"]["plan"]["niah_single"]) == {"256", "320"}
+    assert v["passed"] is False and v["seeds"].startswith("eval seeds")
+    assert "WARNING: the plan misses its accuracy target" in capsys.readouterr().err

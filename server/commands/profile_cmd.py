@@ -1,16 +1,22 @@
 """``headwise profile``: measure every head of a model on calibration prompts and write a Plan.
 
-    headwise profile --model M --out PLAN.json [--lengths 1024,2048] [--prompts 4]
-                     [--density-budget 0.3] [--seed 0]
+    headwise profile --model M --out PLAN.json [--lengths 2048,4096,8192] [--prompts 4]
+                     [--time-budget 0.3] [--objective output] [--validate-cases 2]
 
 The model runs in Hugging Face transformers with the headwise attention in capture mode: dense
-attention through the headwise kernels, and each layer's q/k handed to ``score_layer`` as the
+attention through the headwise kernels, and each layer's q/k/v handed to ``score_layer`` as the
 forward passes, so nothing is kept between layers. Calibration prompts are the retrieval tasks
-of ``headwise.server.commands.tasks`` with the expected answer appended as the assistant's reply, so the
-last rows scored are the rows that must find the needle. ``choose_patterns`` (a MILP) then picks
-one prefill pattern per head under the density budget, decode patterns follow the rules in
-``patterns.profile.decode_for``, and the Plan is written atomically with its provenance in
-``description``. Progress goes to stderr; the same code runs on a GPU (``--device cuda``).
+of ``headwise.server.commands.tasks`` (seeds below 1,000,000; the eval suite's start there) with
+the expected answer appended as the assistant's reply. Every candidate is judged per head by the
+error of the attention *output* it gives on sampled query rows (``--objective output``; or the
+attention mass it keeps, ``mass``), and priced by its **measured** time on this device, the way
+the server runs it (``profile_cost``; or its density, ``--cost density``). ``choose_patterns`` (a
+MILP) picks one prefill pattern per head with the plan's attention time at most the budget times
+dense at every calibration length; decode patterns follow ``patterns.profile_decode.decode_for``.
+The plan is then validated: the eval suite on held-out seeds through the transformers path,
+dense vs the plan, per task and length (``--validate-cases``); a plan below its accuracy target
+is written with a warning. The plan file carries its provenance (``provenance``). Progress goes
+to stderr; the same code runs on a GPU (``--device cuda``).
 """
 
 from __future__ import annotations
@@ -28,9 +34,16 @@ _TASKS = ("passkey", "kv_retrieval", "variable_tracking")
 @dataclass
 class ProfileConfig:
     model: str | None = None
-    lengths: tuple[int, ...] = (1024, 2048)
+    lengths: tuple[int, ...] = (2048, 4096, 8192)  # the lengths it will serve (SmolLM2: up to 8K)
     prompts: int = 4  # per length
-    density_budget: float = 0.3
+    density_budget: float = 0.3  # --cost density
+    time_budget: float = 0.3  # --cost time: the plan's attention time / dense's, at every length
+    objective: str = "output"  # output: attention-output error; mass: kept attention mass
+    cost: str = "time"  # time: measured on this device (profile_cost); density: kept pairs
+    dense_tail: int = 64  # the plan's dense_tail (its rows are dense whatever the pattern: not scored)
+    validate_cases: int = 2  # eval-suite cases per task and length for validation (0: none)
+    validate_tasks: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "fwe", "qa")
+    accuracy_target: float = 0.02  # validation: the plan's mean may trail dense's by at most this
     seed: int = 0
     tasks: tuple[str, ...] = _TASKS
     sample_blocks: int = 4  # query blocks of 64 scored per prompt
@@ -79,6 +92,8 @@ class Measurements:
     tidal: "TidalScores | None"  # noqa: F821
     prompt_tokens: dict[int, list[int]]
     seconds: float
+    costs: "np.ndarray | None" = None  # noqa: F821 - [C, N] measured seconds per layer (profile_cost)
+    cost_device: str | None = None
 
     def save(self, path: Path) -> None:
         """``.npz`` with the score sums and a JSON header (candidates as plan JSON)."""
@@ -89,9 +104,13 @@ class Measurements:
         header = {"geometry": self.geometry, "model_path": self.model_path, "lengths": self.scores.lengths,
                   "candidates": [c.model_dump(mode="json") for c in self.scores.candidates],
                   "prompt_tokens": {str(k): v for k, v in self.prompt_tokens.items()}, "seconds": self.seconds,
-                  "tidal_top_k": self.tidal.top_k if self.tidal else None}
+                  "tidal_top_k": self.tidal.top_k if self.tidal else None, "cost_device": self.cost_device}
         arrays = {"mass_sum": self.scores.mass_sum, "density_sum": self.scores.density_sum,
                   "count": self.scores.count}
+        if self.scores.quality_sum is not None:
+            arrays["quality_sum"] = self.scores.quality_sum
+        if self.costs is not None:
+            arrays["costs"] = self.costs
         if self.tidal is not None:
             arrays.update(tidal_sum=self.tidal.mass_sum, tidal_count=self.tidal.count)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +135,14 @@ class Measurements:
         n_layers = data["mass_sum"].shape[0]
         scores = ProfileScores(n_layers, data["mass_sum"].shape[1], candidates, header["lengths"])
         scores.mass_sum, scores.density_sum, scores.count = data["mass_sum"], data["density_sum"], data["count"]
+        scores.quality_sum = data["quality_sum"] if "quality_sum" in data else None
         tidal = None
         if "tidal_sum" in data:
             tidal = TidalScores(n_layers, header["tidal_top_k"], data["tidal_sum"].shape[2])
             tidal.mass_sum, tidal.count = data["tidal_sum"], data["tidal_count"]
         return cls(header["geometry"], header["model_path"], scores, tidal,
-                   {int(k): v for k, v in header["prompt_tokens"].items()}, header["seconds"])
+                   {int(k): v for k, v in header["prompt_tokens"].items()}, header["seconds"],
+                   data["costs"] if "costs" in data else None, header.get("cost_device"))
 
 
 def measure(cfg: ProfileConfig) -> Measurements:
@@ -154,10 +175,11 @@ def measure(cfg: ProfileConfig) -> Measurements:
     tidal = TidalScores(scored_layers, cfg.tidal_top_k, n_heads)
     current = {"li": 0}
 
-    def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        # q: [S, Hq, D], k: [S, Hkv, D] of one prompt, RoPE applied
+    def capture(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # q: [S, Hq, D], k, v: [S, Hkv, D] of one prompt, RoPE applied
         score = score_layer(q, k, candidates, layer_heads=n_heads, layer_kv_heads=n_kv,
-                            n_blocks=cfg.sample_blocks, total_len=q.shape[0] + cfg.planned_generation)
+                            n_blocks=cfg.sample_blocks, total_len=q.shape[0] + cfg.planned_generation,
+                            v=v if cfg.objective == "output" else None, tail=cfg.dense_tail)
         scores.add(layer, current["li"], score)
         tidal.add(layer, score.sample)
 
@@ -174,7 +196,16 @@ def measure(cfg: ProfileConfig) -> Measurements:
             _log(f"length {length} prompt {p + 1}/{cfg.prompts} ({task}, {ids.shape[1]} tokens): "
                  f"{scored_layers} layers scored in {time.monotonic() - t0:.1f}s "
                  f"(elapsed {time.monotonic() - started:.0f}s)")
-    return Measurements(geo, path, scores, tidal, prompt_tokens, round(time.monotonic() - started, 1))
+    costs = None
+    if cfg.cost == "time":
+        from .profile_cost import measure_costs
+
+        del model  # the timings run alone
+        _log(f"timing {len(candidates)} candidates for one layer at {lengths} tokens on {cfg.device} ...")
+        costs = measure_costs(candidates, n_heads, n_kv, geo["head_dim"], lengths, device=cfg.device,
+                              dtype=getattr(torch, cfg.dtype), log=_log)
+    return Measurements(geo, path, scores, tidal, prompt_tokens, round(time.monotonic() - started, 1), costs,
+                        cfg.device if costs is not None else None)
 
 
 def make_plan(meas: Measurements, cfg: ProfileConfig):
@@ -194,15 +225,33 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
     shortest = min(min(v) for v in meas.prompt_tokens.values() if v) if any(meas.prompt_tokens.values()) else min(lengths)
     dense_below = (shortest // 64) * 64 if cfg.dense_below is None else cfg.dense_below
     mass, density = scores.mass(), scores.density()  # [L, H, C, N]
+    objective = scores.quality() if cfg.objective == "output" else mass
+    if cfg.cost == "time":
+        if meas.costs is None:
+            raise ValueError("--cost time: these measurements hold no timings (measured with --cost density); "
+                             "re-measure, or choose --cost density")
+        from .profile_cost import relative
+
+        rel = relative(meas.costs)  # [C, N]
+        cost = np.broadcast_to(rel[None, None], density.shape).copy()
+        budget, per_length = cfg.time_budget, True
+    else:
+        cost, budget, per_length = density.copy(), cfg.density_budget, cfg.per_length
     for li, n in enumerate(lengths):
         if n < dense_below:
             _log(f"warning: length {n} is below dense_below={dense_below}: it runs dense, density 1.0")
             density[..., li] = 1.0
+            cost[..., li] = 1.0
     t0 = time.monotonic()
-    choice = choose_patterns(mass, density, cfg.density_budget, per_length=cfg.per_length,
-                             max_per_layer=cfg.max_per_layer)
-    _log(f"MILP: {choice.status} in {time.monotonic() - t0:.1f}s; kept mass {choice.kept_mass:.4f}; density "
-         + ", ".join(f"{n}: {d:.3f}" for n, d in zip(lengths, choice.density)))
+    choice = choose_patterns(objective, cost, budget, per_length=per_length, max_per_layer=cfg.max_per_layer)
+    li_, hi_ = np.meshgrid(np.arange(scored_layers), np.arange(n_heads), indexing="ij")
+    chosen_mass = float(mass[li_, hi_, choice.pick].mean())
+    chosen_density = [float(d) for d in density[li_, hi_, choice.pick].mean((0, 1))]
+    chosen_cost = [float(c) for c in cost[li_, hi_, choice.pick].mean((0, 1))]
+    _log(f"MILP: {choice.status} in {time.monotonic() - t0:.1f}s; {cfg.objective} {choice.kept_mass:.4f}; "
+         f"kept mass {chosen_mass:.4f}; {cfg.cost} cost vs dense "
+         + ", ".join(f"{n}: {c:.3f}" for n, c in zip(lengths, chosen_cost)) + "; density "
+         + ", ".join(f"{n}: {d:.3f}" for n, d in zip(lengths, chosen_density)))
 
     decode_mass = None
     measured = meas.tidal is not None and scored_layers == n_layers
@@ -240,9 +289,14 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
     report = {
         "model": geo.get("architecture"), "model_path": meas.model_path, "lengths": lengths,
         "prompts": len(meas.prompt_tokens[lengths[0]]), "prompt_tokens": meas.prompt_tokens,
-        "tasks": list(cfg.tasks), "seed": cfg.seed, "density_budget": cfg.density_budget,
-        "kept_mass": round(choice.kept_mass, 4),
-        "measured_density": {str(n): round(d, 4) for n, d in zip(lengths, choice.density)},
+        "tasks": list(cfg.tasks), "seed": cfg.seed, "objective": cfg.objective, "cost": cfg.cost,
+        "budget": budget, "objective_value": round(choice.kept_mass, 4), "kept_mass": round(chosen_mass, 4),
+        "measured_density": {str(n): round(d, 4) for n, d in zip(lengths, chosen_density)},
+        "attention_time_vs_dense": ({str(n): round(c, 4) for n, c in zip(lengths, chosen_cost)}
+                                    if cfg.cost == "time" else None),
+        "candidate_seconds": ({describe(c): [round(float(x), 5) for x in row]
+                               for c, row in zip(candidates, meas.costs)} if meas.costs is not None else None),
+        "cost_device": meas.cost_device, "dense_tail": cfg.dense_tail, "dense_below": dense_below,
         "patterns": counts, "select_layers": select, "tidal_top_k": cfg.tidal_top_k,
         "decode_mass": None if decode_mass is None else round(decode_mass, 4), "decode": cfg.decode,
         "dense_reuse_heads": dense_reuse, "min_reuse_mass": cfg.min_reuse_mass,
@@ -250,15 +304,58 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
         "measure_seconds": meas.seconds, "dense_kept_mass": float(np.mean(mass[..., 0, :])),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    description = ("profiled by `headwise profile`: " + "; ".join(
-        f"{k}={report[k]}" for k in ("lengths", "prompts", "tasks", "seed", "density_budget", "measured_density",
-                                     "kept_mass", "select_layers", "tidal_top_k", "decode_mass", "min_reuse_mass",
-                                     "dense_reuse_heads", "created")))
+    description = (f"profiled by `headwise profile` for {Path(meas.model_path).name} at {lengths} tokens: per head, "
+                   f"the best {cfg.objective} under a {cfg.cost} budget of {budget} of dense; see provenance")
     geometry = ModelGeometry(name=Path(meas.model_path).name, **{
         k: geo[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")})
-    settings = Settings(dense_below=dense_below, tidal_top_k=cfg.tidal_top_k,
+    settings = Settings(dense_below=dense_below, dense_tail=cfg.dense_tail, tidal_top_k=cfg.tidal_top_k,
                         planned_generation=cfg.planned_generation)
-    return Plan.from_tables(geometry, prefill, decode, settings, description=description), report
+    report["headwise_version"] = _version()
+    provenance = {k: v for k, v in report.items() if k not in ("candidates", "model_path")}
+    provenance["model"] = Path(meas.model_path).name
+    return Plan.from_tables(geometry, prefill, decode, settings, description=description,
+                            provenance=provenance), report
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("headwise")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def validate(plan, meas: Measurements, cfg: ProfileConfig) -> dict:
+    """The eval suite on held-out seeds through the transformers path: dense, then ``plan``, per task
+    and calibration length (``--validate-cases`` cases each). Returns scores and the verdict."""
+    from headwise.evals.runner import build_cases, run_cases
+    from headwise.evals.targets import HFTarget
+
+    scores: dict[str, dict] = {}
+    for label, p in (("dense", "dense"), ("plan", plan)):
+        target = HFTarget(meas.model_path, p, cfg.dtype)
+        cases = build_cases(list(cfg.validate_tasks), list(meas.scores.lengths), cfg.validate_cases, target)
+        rows = run_cases(target, cases, 1, f"validate {label}")
+        table: dict[str, dict[str, float]] = {}
+        for r in rows:
+            table.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["score"])
+        scores[label] = {t: {n: round(sum(v) / len(v), 3) for n, v in by.items()} for t, by in table.items()}
+        del target
+    mean = {label: {n: round(sum(by[n] for by in t.values()) / len(t), 3) for n in next(iter(t.values()))}
+            for label, t in scores.items()}
+    short = {n: round(mean["dense"][n] - mean["plan"][n], 3) for n in mean["dense"]}
+    ok = all(v <= cfg.accuracy_target + 1e-9 for v in short.values())
+    lines = ["| task | " + " | ".join(f"{n} dense | {n} plan" for n in mean["dense"]) + " |",
+             "|---|" + "---|---|" * len(mean["dense"])]
+    for t in scores["dense"]:
+        lines.append(f"| {t} | " + " | ".join(f"{scores['dense'][t][n]:.2f} | {scores['plan'][t][n]:.2f}"
+                                              for n in mean["dense"]) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{mean['dense'][n]:.2f}** | **{mean['plan'][n]:.2f}**"
+                                              for n in mean["dense"]) + " |")
+    print("\n".join(lines), file=sys.stderr)
+    return {"tasks": list(cfg.validate_tasks), "cases": cfg.validate_cases, "seeds": "eval seeds 1000000+",
+            "scores": scores, "mean": mean, "mean_below_dense": short, "target": cfg.accuracy_target, "passed": ok}
 
 
 def run_profile(cfg: ProfileConfig):
@@ -283,10 +380,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF checkpoint dir or hub id (default: the embedded SmolLM2)")
     p.add_argument("--out", required=True, type=Path, help="plan file to write (atomically)")
-    p.add_argument("--lengths", type=_int_list, default=d.lengths, help="calibration lengths in tokens (default 1024,2048)")
+    p.add_argument("--lengths", type=_int_list, default=d.lengths,
+                   help="calibration lengths in tokens: the lengths the plan will serve (default 2048,4096,8192)")
     p.add_argument("--prompts", type=int, default=d.prompts, help="calibration prompts per length (default 4)")
+    p.add_argument("--time-budget", type=float, default=d.time_budget,
+                   help="--cost time: the plan's prefill attention time as a fraction of dense's, held at every "
+                        f"calibration length (default {d.time_budget})")
     p.add_argument("--density-budget", type=float, default=d.density_budget,
-                   help="mean prefill density over heads and lengths (default 0.3)")
+                   help=f"--cost density: mean prefill density over heads and lengths (default {d.density_budget})")
+    p.add_argument("--cost", choices=("time", "density"), default=d.cost,
+                   help="price of a candidate: its measured time on --device, the way the server runs it "
+                        "(default), or its density")
+    p.add_argument("--objective", choices=("output", "mass"), default=d.objective,
+                   help="what a head keeps: its attention output (1 - relative error on sampled rows; default) "
+                        "or its attention mass")
+    p.add_argument("--dense-tail", type=int, default=d.dense_tail,
+                   help=f"the plan's dense_tail: the prompt's last queries attend densely (default {d.dense_tail})")
+    p.add_argument("--validate-cases", type=int, default=d.validate_cases,
+                   help=f"eval-suite cases per task and length to validate the plan with, dense vs plan through "
+                        f"transformers (default {d.validate_cases}; 0: no validation)")
+    p.add_argument("--validate-tasks", default=",".join(d.validate_tasks), help="eval tasks for the validation")
+    p.add_argument("--accuracy-target", type=float, default=d.accuracy_target,
+                   help=f"validation: the plan's mean score may trail dense's by this much (default {d.accuracy_target})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration prompts")
     p.add_argument("--tasks", default=",".join(d.tasks), help=f"calibration tasks (default {','.join(d.tasks)})")
     p.add_argument("--sample-blocks", type=int, default=d.sample_blocks, help="64-query blocks scored per prompt")
@@ -327,6 +442,19 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if not 0 < args.density_budget <= 1:
         print(f"headwise profile: --density-budget must be in (0, 1], found {args.density_budget}", file=sys.stderr)
         return 2
+    if not args.time_budget > 0:
+        print(f"headwise profile: --time-budget must be > 0, found {args.time_budget}", file=sys.stderr)
+        return 2
+    from headwise.evals.tasks import TASKS as EVAL_TASKS
+
+    vtasks = tuple(t.strip() for t in args.validate_tasks.split(",") if t.strip())
+    if args.validate_cases and (not vtasks or any(t not in EVAL_TASKS for t in vtasks)):
+        print(f"headwise profile: --validate-tasks {args.validate_tasks!r}: expected names from {sorted(EVAL_TASKS)}",
+              file=sys.stderr)
+        return 2
+    if args.validate_cases < 0 or args.dense_tail < 0:
+        print("headwise profile: --validate-cases and --dense-tail must be >= 0", file=sys.stderr)
+        return 2
     if args.prompts < 1:
         print(f"headwise profile: --prompts must be at least 1, found {args.prompts}", file=sys.stderr)
         return 2
@@ -335,7 +463,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         sample_blocks=args.sample_blocks, max_per_layer=args.max_per_layer or None,
                         per_length=args.per_length, dense_below=args.dense_below, decode=args.decode,
                         tidal_top_k=args.tidal_top_k, select_layers=args.select_layers, selections=args.selections,
-                        min_reuse_mass=args.min_reuse_mass,
+                        min_reuse_mass=args.min_reuse_mass, time_budget=args.time_budget, cost=args.cost,
+                        objective=args.objective, dense_tail=args.dense_tail, validate_cases=args.validate_cases,
+                        validate_tasks=vtasks, accuracy_target=args.accuracy_target,
                         planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
     try:
         if args.from_scores:
@@ -348,6 +478,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         if args.save_scores:
             meas.save(args.save_scores)
         plan, report = make_plan(meas, cfg)
+        if cfg.validate_cases:
+            _log(f"validating: {len(cfg.validate_tasks)} eval tasks x {cfg.validate_cases} cases x "
+                 f"{len(meas.scores.lengths)} lengths, dense vs the plan (transformers)")
+            v = validate(plan, meas, cfg)
+            plan.provenance["validation"] = v
+            if not v["passed"]:
+                _log(f"WARNING: the plan misses its accuracy target: its mean trails dense by "
+                     f"{v['mean_below_dense']} (target {cfg.accuracy_target}); written anyway, check it with "
+                     f"`headwise eval` before serving it")
     except (ModelError, PlanError, ValueError, OSError) as exc:
         print(f"headwise profile: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ index: 32 tokens, or vLLM's 128-token blocks for sink/window plans, ``plan_bindi
 ``attach_plan`` rounds the same way there by default, so both attend to the same keys. Batches may be left-padded: each row
 is cut (prefill) or shifted (decode) so that its first real token sits at position 0, which is
 also what the RoPE positions of ``generate`` assume. Right padding is refused with a message.
-A ``capture`` hook gives the profiler every layer's q/k while attention runs densely.
+A ``capture`` hook gives the profiler every layer's q/k/v while attention runs densely.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from . import cpu_ops, runner
 from .plan_binding import FINE_PAGE, PlanBinding, cpu_page
 
 ATTN_NAME = "headwise"
-# capture(layer, q [S, Hq, D], k [S, Hkv, D]) for one request's whole prompt (after RoPE)
-CaptureFn = Callable[[int, torch.Tensor, torch.Tensor], None]
+# capture(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) for one request's whole prompt (after RoPE)
+CaptureFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class HeadwiseRuntime:
@@ -83,7 +83,7 @@ class HeadwiseRuntime:
         """One request's query chunk. q: ``[Tq, Hq, D]``; k, v: ``[S, Hkv, D]`` -> ``[Tq, Hq, D]``."""
         tq, s = q.shape[0], k.shape[0]
         if self.capture is not None and s == tq:
-            self.capture(layer, q, k)
+            self.capture(layer, q, k, v)
         if self.plan is None:  # capture mode: dense attention, the model behaves as trained
             index = SparseIndex.dense(self.num_heads, tq, s - tq, device=q.device)
         else:
