@@ -264,7 +264,8 @@ class Choice:
     status: str
 
 
-def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, allowed: np.ndarray | None = None,
+def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float | Sequence[float], *,
+                    allowed: np.ndarray | None = None,
                     per_length: bool = False, max_per_layer: int | None = None,
                     time_limit: float = 60.0) -> Choice:
     """One candidate per head maximising kept mass under a density budget (HiGHS MILP).
@@ -274,7 +275,7 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
     fraction of dense's: the profiler passes either). The constraint is on
     the mean density over heads and lengths (``per_length``: at every length). ``allowed``
     ``[L, H, C]`` bool forbids choices (e.g. forcing a layer dense). ``max_per_layer`` bounds the
-    distinct candidates one layer may use.
+    distinct candidates one layer may use. ``budget``: one value, or one per length (``per_length``).
     """
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -289,14 +290,20 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
     d_all = density.reshape(n_x, n_len)
     d = d_all.mean(-1)
     # the cheapest allowed choice per head bounds what any plan can reach: say so instead of "infeasible"
-    if per_length:  # the tightest length decides
-        floor = float(np.where(allowed[..., None], density, np.inf).min(2).mean((0, 1)).max())
+    budgets = np.broadcast_to(np.asarray(budget, dtype=float), (n_len,)) if per_length else \
+        np.asarray([float(budget)])
+    if not per_length and np.ndim(budget):
+        raise ValueError("choose_patterns: one budget per length needs per_length=True")
+    if per_length:  # every length holds its own budget
+        floors = np.where(allowed[..., None], density, np.inf).min(2).mean((0, 1))
     else:
-        floor = float(np.where(allowed, density.mean(-1), np.inf).min(-1).mean())
-    if floor > budget + 1e-9:
-        raise ValueError(f"choose_patterns: budget {budget:.3f} is below {floor:.3f}, the lowest mean cost "
-                         f"(density or time vs dense) the allowed candidates can reach; raise the budget or add "
-                         f"cheaper candidates")
+        floors = np.asarray([np.where(allowed, density.mean(-1), np.inf).min(-1).mean()])
+    worst = int(np.argmax(floors - budgets))
+    if floors[worst] > budgets[worst] + 1e-9:
+        raise ValueError(f"choose_patterns: budget {budgets[worst]:.3f} is below {floors[worst]:.3f}, the lowest "
+                         f"mean cost (density or time vs dense) the allowed candidates can reach"
+                         f"{f' at length number {worst}' if per_length else ''}; raise the budget or add cheaper "
+                         f"candidates")
 
     n_y = n_layers * n_cand if max_per_layer else 0
     n_var = n_x + n_y
@@ -307,9 +314,9 @@ def choose_patterns(mass: np.ndarray, density: np.ndarray, budget: float, *, all
     blocks.append(sparse.csr_matrix((np.ones(n_x), (head_of, np.arange(n_x))), shape=(heads, n_var)))
     lo.append(np.ones(heads)), hi.append(np.ones(heads))
     budget_rows = d_all.T if per_length else d[None]  # [rows, n_x]
-    for row in budget_rows:
+    for row, cap in zip(budget_rows, budgets):
         blocks.append(sparse.csr_matrix(np.concatenate([row, np.zeros(n_y)])[None] / heads))
-        lo.append([-np.inf]), hi.append([budget])
+        lo.append([-np.inf]), hi.append([cap])
     if max_per_layer:
         # x[l, h, c] <= y[l, c]: a candidate used in a layer is "open" there; sum_c y[l, c] <= k
         i = np.arange(n_x)

@@ -89,7 +89,7 @@ def test_candidates_are_priced_by_their_measured_time_and_the_plan_holds_the_tim
     assert (relative(costs)[0] == 1.0).all()  # candidate 0 is dense
     timed = dataclasses.replace(measured, costs=costs, cost_device="cpu")
     budget = float(relative(costs).min(0).max()) + 0.05  # feasible whatever the timings were
-    cfg = dataclasses.replace(CFG, cost="time", time_budget=budget)
+    cfg = dataclasses.replace(CFG, cost="time", time_budget=(budget,))
     plan, report = make_plan(timed, cfg)
     assert all(v <= budget + 1e-6 for v in report["attention_time_vs_dense"].values())
     assert set(report["candidate_seconds"]) and plan.provenance["cost_device"] == "cpu"

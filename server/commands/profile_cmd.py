@@ -37,7 +37,7 @@ class ProfileConfig:
     lengths: tuple[int, ...] = (2048, 4096, 8192)  # the lengths it will serve (SmolLM2: up to 8K)
     prompts: int = 4  # per length
     density_budget: float = 0.3  # --cost density
-    time_budget: float = 0.3  # --cost time: the plan's attention time / dense's, at every length
+    time_budget: tuple[float, ...] = (0.3,)  # --cost time: the plan's attention time / dense's, per length
     objective: str = "output"  # output: attention-output error; mass: kept attention mass
     cost: str = "time"  # time: measured on this device (profile_cost); density: kept pairs
     dense_tail: int = 64  # the plan's dense_tail (its rows are dense whatever the pattern: not scored)
@@ -234,16 +234,31 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
 
         rel = relative(meas.costs)  # [C, N]
         cost = np.broadcast_to(rel[None, None], density.shape).copy()
-        budget, per_length = cfg.time_budget, True
+        budget, per_length = list(cfg.time_budget), True
     else:
         cost, budget, per_length = density.copy(), cfg.density_budget, cfg.per_length
+    # a length below dense_below runs dense whatever is chosen: no choice can change it, so it is
+    # left out of the solve (and reported as dense)
+    live = [li for li, n in enumerate(lengths) if n >= dense_below]
     for li, n in enumerate(lengths):
-        if n < dense_below:
-            _log(f"warning: length {n} is below dense_below={dense_below}: it runs dense, density 1.0")
+        if li not in live:
+            _log(f"note: length {n} is below dense_below={dense_below}: it runs dense (time and density 1.0), "
+                 f"outside the budget")
             density[..., li] = 1.0
             cost[..., li] = 1.0
+    if not live:
+        raise ValueError(f"every calibration length {lengths} is below dense_below={dense_below}: nothing to plan")
+    if cfg.cost == "time":
+        if len(budget) not in (1, len(lengths)):
+            raise ValueError(f"--time-budget: expected one value or one per calibration length ({len(lengths)}: "
+                             f"{lengths}), found {len(budget)}")
+        budget = [float(b) for b in (budget * len(lengths) if len(budget) == 1 else budget)]
+        solve_budget = [budget[li] for li in live]
+    else:
+        solve_budget = budget
     t0 = time.monotonic()
-    choice = choose_patterns(objective, cost, budget, per_length=per_length, max_per_layer=cfg.max_per_layer)
+    choice = choose_patterns(objective[..., live], cost[..., live], solve_budget, per_length=per_length,
+                             max_per_layer=cfg.max_per_layer)
     li_, hi_ = np.meshgrid(np.arange(scored_layers), np.arange(n_heads), indexing="ij")
     chosen_mass = float(mass[li_, hi_, choice.pick].mean())
     chosen_density = [float(d) for d in density[li_, hi_, choice.pick].mean((0, 1))]
@@ -374,6 +389,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.4,0.25, found {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = ProfileConfig()
     p = subparsers.add_parser("profile", help="measure each head on calibration prompts and write a Plan (JSON)",
@@ -383,9 +408,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=_int_list, default=d.lengths,
                    help="calibration lengths in tokens: the lengths the plan will serve (default 2048,4096,8192)")
     p.add_argument("--prompts", type=int, default=d.prompts, help="calibration prompts per length (default 4)")
-    p.add_argument("--time-budget", type=float, default=d.time_budget,
+    p.add_argument("--time-budget", type=_float_list, default=d.time_budget,
                    help="--cost time: the plan's prefill attention time as a fraction of dense's, held at every "
-                        f"calibration length (default {d.time_budget})")
+                        "calibration length: one value, or one per length (e.g. 0.4,0.25; default "
+                        f"{','.join(map(str, d.time_budget))})")
     p.add_argument("--density-budget", type=float, default=d.density_budget,
                    help=f"--cost density: mean prefill density over heads and lengths (default {d.density_budget})")
     p.add_argument("--cost", choices=("time", "density"), default=d.cost,
@@ -442,7 +468,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if not 0 < args.density_budget <= 1:
         print(f"headwise profile: --density-budget must be in (0, 1], found {args.density_budget}", file=sys.stderr)
         return 2
-    if not args.time_budget > 0:
+    if not all(b > 0 for b in args.time_budget):
         print(f"headwise profile: --time-budget must be > 0, found {args.time_budget}", file=sys.stderr)
         return 2
     from headwise.evals.tasks import TASKS as EVAL_TASKS
