@@ -138,20 +138,26 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
     return (in_ranges + in_cols).float()
 
 
-def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+def sample_values(sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vh [H, S, D], dense [H, n, D])``: each head's values and the sampled rows' dense attention
+    output, computed once per layer for every candidate's ``output_quality``."""
+    vh = v[:, kv_heads.to(v.device)].transpose(0, 1).float()
+    return vh, torch.bmm(sample.probs, vh)
+
+
+def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor,
+                   values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``[H]`` one minus the relative error of the sampled rows' attention *output* under ``index``.
 
     The sparse attention of a query is its dense softmax renormalised over the kept keys, so its
     output is ``(P * M) V / (P * M).sum()`` against the dense ``P V``; the error
     ``|o_sparse - o_dense| / |o_dense|`` (clipped to 1) is what the next layer actually receives
     wrong, where kept mass only counts probability: two patterns that drop the same mass can drop
-    keys whose values differ (a sink whose value is near zero costs little to lose). v: ``[S, Hkv, D]``.
+    keys whose values differ (a sink whose value is near zero costs little to lose). v: ``[S, Hkv, D]``;
+    ``values``: ``sample_values`` when the caller scores several indices on one sample.
     """
-    mask = rows_mask(index, sample.blocks)  # [H, n, S]
-    probs = sample.probs
-    vh = v[:, kv_heads.to(v.device)].transpose(0, 1).float()  # [H, S, D]
-    dense = torch.bmm(probs, vh)
-    kept = probs * mask
+    vh, dense = values if values is not None else sample_values(sample, v, kv_heads)
+    kept = sample.probs * rows_mask(index, sample.blocks)  # [H, n, S]
     sparse = torch.bmm(kept, vh) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
     err = (sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)
     return (1.0 - err.clamp(max=1.0)).mean(-1)
@@ -190,6 +196,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
     mass = np.zeros((hq, len(candidates)))
     density = np.zeros((hq, len(candidates)))
     quality = np.zeros((hq, len(candidates))) if v is not None else None
+    values = sample_values(sample, v, kv_heads) if v is not None else None
     for c, spec in enumerate(candidates):
         inp = PrefillInputs(heads=list(range(hq)), num_layer_heads=hq, q_offset=0, q_len=s,
                             total_len=total_len or s, q=q, k=k, kv_heads=kv_heads, block_m=block_m,
@@ -197,7 +204,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
         index = build(spec, inp)
         mass[:, c] = kept_mass(index, sample).mean(-1).cpu().numpy()
         if quality is not None:
-            quality[:, c] = output_quality(index, sample, v, kv_heads).cpu().numpy()
+            quality[:, c] = output_quality(index, sample, v, kv_heads, values).cpu().numpy()
         for h in range(hq):
             density[h, c] = fast_density(index.select_heads([h]))
     return LayerScore(mass, density, sample, quality)

@@ -61,6 +61,9 @@ def test_saved_measurements_reproduce_the_plan_through_the_cli(measured, tmp_pat
     (["--tasks", "passkey,haystack"], "expected names from"),
     (["--density-budget", "0"], "must be in (0, 1]"),
     (["--prompts", "0"], "at least 1"),
+    (["--families", "a_shape,diagonal"], "expected names from"),
+    (["--validate-tasks", "niah_single,haystack"], "expected names from"),
+    (["--time-budget", "0.3,0"], "must be > 0"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, args, message):
     assert main(["profile", "--out", str(tmp_path / "p.json"), *args]) == 2

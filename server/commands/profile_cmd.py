@@ -59,6 +59,7 @@ class ProfileConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     num_layers: int | None = None  # profile only the first N layers (tests); the plan still covers all
+    families: tuple[str, ...] | None = None  # candidate pattern types to search (None: every family)
 
 
 def _log(msg: str) -> None:
@@ -163,6 +164,8 @@ def measure(cfg: ProfileConfig) -> Measurements:
     scored_layers = min(n_layers, cfg.num_layers or n_layers)
     lengths = sorted(set(cfg.lengths))
     candidates = default_candidates(max(lengths))
+    if cfg.families:
+        candidates = [c for c in candidates if c.type in cfg.families or c.type == "dense"]
     _log(f"model {path}: {n_layers} layers x {n_heads} heads ({n_kv} KV heads); {len(candidates)} candidates; "
          f"lengths {lengths}; {cfg.prompts} prompts per length")
 
@@ -448,6 +451,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-reuse-mass", type=float, default=d.min_reuse_mass,
                    help="decode: a head keeping less of its attention on the reused TidalDecode pick stays dense "
                         "(default 0.9; 0 disables)")
+    p.add_argument("--families", default=None,
+                   help="search only these prefill families (comma list, e.g. a_shape,strided; dense is always "
+                        "a candidate): a family measured to cost more than the budget on this device can be "
+                        "left out to shorten the run")
     p.add_argument("--save-scores", type=Path, default=None, help="also write the raw measurements (.npz)")
     p.add_argument("--from-scores", type=Path, default=None,
                    help="skip the model run: re-solve from measurements saved by --save-scores")
@@ -478,6 +485,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         print(f"headwise profile: --validate-tasks {args.validate_tasks!r}: expected names from {sorted(EVAL_TASKS)}",
               file=sys.stderr)
         return 2
+    from headwise.patterns.profile import default_candidates
+
+    known = {c.type for c in default_candidates(8192)}
+    fams = [f.strip() for f in (args.families or "").split(",") if f.strip()]
+    if any(f not in known for f in fams):
+        print(f"headwise profile: --families {args.families!r}: expected names from {sorted(known)}", file=sys.stderr)
+        return 2
     if args.validate_cases < 0 or args.dense_tail < 0:
         print("headwise profile: --validate-cases and --dense-tail must be >= 0", file=sys.stderr)
         return 2
@@ -492,6 +506,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         min_reuse_mass=args.min_reuse_mass, time_budget=args.time_budget, cost=args.cost,
                         objective=args.objective, dense_tail=args.dense_tail, validate_cases=args.validate_cases,
                         validate_tasks=vtasks, accuracy_target=args.accuracy_target,
+                        families=tuple(f.strip() for f in args.families.split(",") if f.strip())
+                        if args.families else None,
                         planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
     try:
         if args.from_scores:
@@ -499,6 +515,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             if meas.tidal is not None and meas.tidal.top_k != cfg.tidal_top_k:
                 _log(f"note: the saved TidalDecode scores were measured at top-{meas.tidal.top_k}; "
                      f"the plan uses top-{cfg.tidal_top_k}")
+            if cfg.cost == "time" and meas.costs is None:  # scored without timings: time the candidates now
+                import dataclasses
+
+                import torch
+
+                from .profile_cost import measure_costs
+
+                _log(f"timing {len(meas.scores.candidates)} candidates at {meas.scores.lengths} tokens on {cfg.device}")
+                g = meas.geometry
+                meas = dataclasses.replace(meas, costs=measure_costs(
+                    meas.scores.candidates, g["num_heads"], g["num_kv_heads"], g["head_dim"], meas.scores.lengths,
+                    device=cfg.device, dtype=getattr(torch, cfg.dtype), log=_log), cost_device=cfg.device)
         else:
             meas = measure(cfg)
         if args.save_scores:
