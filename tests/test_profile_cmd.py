@@ -36,7 +36,7 @@ def test_plan_meets_the_budget_and_covers_the_whole_model(measured):
     shortest = min(min(v) for v in measured.prompt_tokens.values())
     assert plan.settings.dense_below == shortest // 64 * 64  # sparse from the shortest measured prompt
     assert "headwise profile" in plan.description and plan.provenance["budget"] == 0.7
-    assert plan.provenance["objective"] == "output" and plan.provenance["lengths"] == [256, 320]
+    assert plan.provenance["objective"] == CFG.objective == "mass" and plan.provenance["lengths"] == [256, 320]
     assert plan.settings.dense_tail == CFG.dense_tail
 
 
