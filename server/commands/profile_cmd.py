@@ -320,6 +320,8 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
         "candidate_seconds": ({describe(c): [round(float(x), 5) for x in row]
                                for c, row in zip(candidates, meas.costs)} if meas.costs is not None else None),
         "cost_device": meas.cost_device, "dense_tail": cfg.dense_tail, "dense_below": dense_below,
+        "families": list(cfg.families) if cfg.families else "all", "decode_rule": cfg.decode,
+        "validated": bool(cfg.validate_cases),
         "patterns": counts, "select_layers": select, "tidal_top_k": cfg.tidal_top_k,
         "decode_mass": None if decode_mass is None else round(decode_mass, 4), "decode": cfg.decode,
         "dense_reuse_heads": dense_reuse, "min_reuse_mass": cfg.min_reuse_mass,
@@ -349,36 +351,23 @@ def _version() -> str:
         return "unknown"
 
 
+# The eval suite joins as a validator through this entry-point group, so no server module imports it.
+VALIDATOR_GROUP = "headwise.plan_validators"
+
+
+def plan_validator():
+    """The installed plan validator (the eval suite's ``headwise.evals.validate``), or None."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=VALIDATOR_GROUP), key=lambda ep: ep.name)
+    return found[0].load() if found else None
+
+
 def validate(plan, meas: Measurements, cfg: ProfileConfig) -> dict:
     """The eval suite on held-out seeds through the transformers path: dense, then ``plan``, per task
     and calibration length (``--validate-cases`` cases each). Returns scores and the verdict."""
-    from headwise.evals.runner import build_cases, run_cases
-    from headwise.evals.targets import HFTarget
-
-    scores: dict[str, dict] = {}
-    for label, p in (("dense", "dense"), ("plan", plan)):
-        target = HFTarget(meas.model_path, p, cfg.dtype)
-        cases = build_cases(list(cfg.validate_tasks), list(meas.scores.lengths), cfg.validate_cases, target)
-        rows = run_cases(target, cases, 1, f"validate {label}")
-        table: dict[str, dict[str, float]] = {}
-        for r in rows:
-            table.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["score"])
-        scores[label] = {t: {n: round(sum(v) / len(v), 3) for n, v in by.items()} for t, by in table.items()}
-        del target
-    mean = {label: {n: round(sum(by[n] for by in t.values()) / len(t), 3) for n in next(iter(t.values()))}
-            for label, t in scores.items()}
-    short = {n: round(mean["dense"][n] - mean["plan"][n], 3) for n in mean["dense"]}
-    ok = all(v <= cfg.accuracy_target + 1e-9 for v in short.values())
-    lines = ["| task | " + " | ".join(f"{n} dense | {n} plan" for n in mean["dense"]) + " |",
-             "|---|" + "---|---|" * len(mean["dense"])]
-    for t in scores["dense"]:
-        lines.append(f"| {t} | " + " | ".join(f"{scores['dense'][t][n]:.2f} | {scores['plan'][t][n]:.2f}"
-                                              for n in mean["dense"]) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{mean['dense'][n]:.2f}** | **{mean['plan'][n]:.2f}**"
-                                              for n in mean["dense"]) + " |")
-    print("\n".join(lines), file=sys.stderr)
-    return {"tasks": list(cfg.validate_tasks), "cases": cfg.validate_cases, "seeds": "eval seeds 1000000+",
-            "scores": scores, "mean": mean, "mean_below_dense": short, "target": cfg.accuracy_target, "passed": ok}
+    return plan_validator().validate(plan, meas.model_path, list(meas.scores.lengths), list(cfg.validate_tasks),
+                                     cfg.validate_cases, cfg.dtype, cfg.accuracy_target)
 
 
 def run_profile(cfg: ProfileConfig):
@@ -483,13 +472,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if not all(b > 0 for b in args.time_budget):
         print(f"headwise profile: --time-budget must be > 0, found {args.time_budget}", file=sys.stderr)
         return 2
-    from headwise.evals.tasks import TASKS as EVAL_TASKS
-
     vtasks = tuple(t.strip() for t in args.validate_tasks.split(",") if t.strip())
-    if args.validate_cases and (not vtasks or any(t not in EVAL_TASKS for t in vtasks)):
-        print(f"headwise profile: --validate-tasks {args.validate_tasks!r}: expected names from {sorted(EVAL_TASKS)}",
-              file=sys.stderr)
-        return 2
+    if args.validate_cases:
+        validator = plan_validator()
+        if validator is None:
+            print("headwise profile: --validate-cases needs the eval suite (headwise.evals), which is not installed; "
+                  "pass --validate-cases 0 to write the plan unvalidated", file=sys.stderr)
+            return 2
+        if not vtasks or any(t not in validator.TASK_NAMES for t in vtasks):
+            print(f"headwise profile: --validate-tasks {args.validate_tasks!r}: expected names from "
+                  f"{list(validator.TASK_NAMES)}", file=sys.stderr)
+            return 2
     from headwise.patterns.profile import default_candidates
 
     known = {c.type for c in default_candidates(8192)}
