@@ -12,7 +12,7 @@ from .dispatch import (sparse_decode, sparse_prefill, sparse_prefill_paged, spar
 from .index import BLOCK_M, DecodeMode, DecodeSelection, SparseIndex
 from .prefill import sparse_prefill_paged_torch, sparse_prefill_torch
 from .reference import decode_attention_reference, masked_attention_reference
-from .varlen import VarlenIndex, sparse_prefill_varlen_paged_torch, sparse_prefill_varlen_torch
+from .varlen import VarlenIndex, VarlenLayout, sparse_prefill_varlen_paged_torch, sparse_prefill_varlen_torch
 
 __all__ = [
     "BLOCK_M",
@@ -20,6 +20,7 @@ __all__ = [
     "DecodeSelection",
     "SparseIndex",
     "VarlenIndex",
+    "VarlenLayout",
     "decode_attention_reference",
     "masked_attention_reference",
     "sparse_decode",

@@ -55,25 +55,28 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def sparse_prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_starts: list[int],
-                          index: VarlenIndex, scale: float | None = None, return_lse: bool = False):
-    """Several requests in one launch: q ``[T_total, Hq, D]`` packed by ``index.cu_q``; k/v
-    ``[S_total, Hkv, D]`` packed, request r from ``kv_starts[r]``."""
+                          index: VarlenIndex, scale: float | None = None, return_lse: bool = False,
+                          out: torch.Tensor | None = None):
+    """Several chunks in one launch: q ``[T, Hq, D]`` with chunk r at ``index.layout``'s rows; k/v
+    ``[S_total, Hkv, D]`` packed, chunk r's keys from ``kv_starts[layout.reqs[r]]``. Writes those
+    rows of ``out`` (default: a new tensor like q)."""
     if use_triton(q):
         from .prefill_triton import sparse_prefill_varlen_triton
 
-        return sparse_prefill_varlen_triton(q, k, v, kv_starts, index, scale, return_lse)
-    return sparse_prefill_varlen_torch(q, k, v, kv_starts, index, scale, return_lse)
+        return sparse_prefill_varlen_triton(q, k, v, kv_starts, index, scale, return_lse, out)
+    return sparse_prefill_varlen_torch(q, k, v, kv_starts, index, scale, return_lse, out)
 
 
 def sparse_prefill_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_table: torch.Tensor, index: VarlenIndex,
-                                scale: float | None = None, return_lse: bool = False):
-    """Several requests in one launch, K/V of request r read through ``block_table[r]``."""
+                                scale: float | None = None, return_lse: bool = False,
+                                out: torch.Tensor | None = None):
+    """Several chunks in one launch, K/V of chunk r read through ``block_table[layout.reqs[r]]``."""
     if use_triton(q):
         from .prefill_triton import sparse_prefill_varlen_paged_triton
 
-        return sparse_prefill_varlen_paged_triton(q, k_cache, v_cache, block_table, index, scale, return_lse)
-    return sparse_prefill_varlen_paged_torch(q, k_cache, v_cache, block_table, index, scale, return_lse)
+        return sparse_prefill_varlen_paged_triton(q, k_cache, v_cache, block_table, index, scale, return_lse, out)
+    return sparse_prefill_varlen_paged_torch(q, k_cache, v_cache, block_table, index, scale, return_lse, out)
 
 
 def triton_estimate(t: torch.Tensor, head_dim: int):

@@ -142,8 +142,9 @@ def _sparse_prefill_kernel(
 
 
 def _launch(q, k, v, index: VarlenIndex, kv_starts: torch.Tensor, block_table: torch.Tensor | None,
-            scale: float | None, return_lse: bool):
-    # q: [T, Hq, D]; k, v: [S_total, Hkv, D] (contiguous packing) or [num_blocks, Hkv, page, D] (paged)
+            scale: float | None, return_lse: bool, out: torch.Tensor | None = None):
+    # q: [T, Hq, D]; k, v: [S_total, Hkv, D] (contiguous packing) or [num_blocks, Hkv, page, D] (paged);
+    # out: [T, Hq, D], only the layout's rows are written (default: a new tensor like q)
     paged = block_table is not None
     t_total, hq, d = q.shape
     hkv = k.shape[1]  # [S, Hkv, D] and [num_blocks, Hkv, page, D] alike
@@ -151,15 +152,18 @@ def _launch(q, k, v, index: VarlenIndex, kv_starts: torch.Tensor, block_table: t
         raise ValueError(f"sparse prefill (Triton): head dim must be 64 or 128 for q and k, got {d} and {k.shape[-1]}")
     if hq % hkv:
         raise ValueError(f"sparse prefill (Triton): {hq} query heads is not a multiple of {hkv} KV heads")
-    if index.num_heads != hq or index.cu_q[-1] != t_total:
+    if index.num_heads != hq or index.layout.rows_needed > t_total:
         raise ValueError(
-            f"sparse prefill (Triton): index has {index.num_heads} heads and {index.cu_q[-1]} queries, "
-            f"q has {hq} heads and {t_total} queries")
+            f"sparse prefill (Triton): index has {index.num_heads} heads and reaches row {index.layout.rows_needed}, "
+            f"q has {hq} heads and {t_total} rows")
     if q.stride(2) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("sparse prefill (Triton): q, k, v need a unit-stride last dim and one dtype")
+    if out is not None and (out.shape != q.shape or out.stride(2) != 1 or out.dtype != q.dtype):
+        raise ValueError(f"sparse prefill (Triton): out {tuple(out.shape)} {out.dtype} must match q "
+                         f"{tuple(q.shape)} {q.dtype} with a unit-stride last dim")
     if index.block_m not in (16, 32, 64, 128):
         raise ValueError(f"sparse prefill (Triton): block_m {index.block_m} must be 16, 32, 64 or 128")
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty(hq, max(t_total, 1), dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fp32 = q.dtype == torch.float32
@@ -191,17 +195,17 @@ def _launch(q, k, v, index: VarlenIndex, kv_starts: torch.Tensor, block_table: t
     return (out, lse) if return_lse else out
 
 
-def sparse_prefill_varlen_triton(q, k, v, kv_starts, index: VarlenIndex, scale=None, return_lse=False):
-    """Packed batch: q ``[T_total, Hq, D]``, k/v ``[S_total, Hkv, D]``, ``kv_starts [B]`` int32."""
+def sparse_prefill_varlen_triton(q, k, v, kv_starts, index: VarlenIndex, scale=None, return_lse=False, out=None):
+    """Chunks of q ``[T, Hq, D]`` (``index.layout``), k/v ``[S_total, Hkv, D]``, ``kv_starts [B]`` int32."""
     starts = torch.as_tensor(kv_starts, dtype=torch.int32, device=q.device)
-    return _launch(q, k, v, index.to_device(q.device), starts, None, scale, return_lse)
+    return _launch(q, k, v, index.to_device(q.device), starts, None, scale, return_lse, out)
 
 
 def sparse_prefill_varlen_paged_triton(q, k_cache, v_cache, block_table, index: VarlenIndex, scale=None,
-                                       return_lse=False):
-    """Packed batch with K/V from the paged cache ``[num_blocks, Hkv, page, D]`` via ``block_table [B, *]``."""
-    starts = torch.zeros(index.parts.__len__(), dtype=torch.int32, device=q.device)
-    return _launch(q, k_cache, v_cache, index.to_device(q.device), starts, block_table, scale, return_lse)
+                                       return_lse=False, out=None):
+    """Chunks of q with K/V from the paged cache ``[num_blocks, Hkv, page, D]`` via ``block_table [B, *]``."""
+    starts = block_table.new_zeros(1, dtype=torch.int32)  # unused when paged
+    return _launch(q, k_cache, v_cache, index.to_device(q.device), starts, block_table, scale, return_lse, out)
 
 
 def sparse_prefill_triton(q, k, v, index: SparseIndex, scale=None, return_lse=False):

@@ -28,16 +28,16 @@ def _as_blocks_of(sel: DecodeSelection, block_size: int) -> DecodeSelection:
     return DecodeSelection(sel.mode, sel.sink, sel.window, fine, sel.count * ratio, block_size)
 
 
-def cat_selection_heads(parts: list[DecodeSelection]) -> DecodeSelection:
+def cat_selection_heads(parts: list[DecodeSelection], selects_blocks: list[bool]) -> DecodeSelection:
     """Stack selections of disjoint head groups along the head axis (index widths padded).
 
-    BLOCKS selections with different block sizes are rewritten in their greatest common block
-    size, since a selection has one ``block_size``.
+    ``selects_blocks[i]``: part ``i`` may hold BLOCKS rows (known from its pattern, so nothing is
+    read back from the device). BLOCKS selections with different block sizes are rewritten in
+    their greatest common block size, since a selection has one ``block_size``.
     """
-    block_sizes = [p.block_size for p in parts if bool((p.mode == DecodeMode.BLOCKS).any())]
+    block_sizes = [p.block_size for p, b in zip(parts, selects_blocks) if b]
     bsz = math.gcd(*block_sizes) if block_sizes else parts[0].block_size
-    parts = [_as_blocks_of(p, bsz) if p.block_size != bsz and bool((p.mode == DecodeMode.BLOCKS).any()) else p
-             for p in parts]
+    parts = [_as_blocks_of(p, bsz) if b and p.block_size != bsz else p for p, b in zip(parts, selects_blocks)]
     width = max(p.indices.shape[2] for p in parts)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[2]))  # noqa: E731
     return DecodeSelection(
@@ -125,7 +125,8 @@ def build_layer_decode_selection(
             sel = module.select_decode(spec, inp)
         parts.append(sel.to(dev) if sel.device != dev else sel)
         order.extend(local)
-    sel = parts[0] if len(parts) == 1 else cat_selection_heads(parts)
+    sel = parts[0] if len(parts) == 1 else \
+        cat_selection_heads(parts, [spec.type in families.DECODE_BLOCKS for spec in groups])
     if len(parts) > 1:
         inverse = torch.empty(n, dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)

@@ -36,3 +36,5 @@ DECODE: dict[str, ModuleType] = {
 STATIC_PREFILL = frozenset({"dense", "a_shape", "strided", "elastic_window"})
 # Of those, the ones whose index is the same for every head (strided shifts per KV head).
 HEAD_INDEPENDENT = frozenset({"dense", "a_shape", "elastic_window"})
+# Decode patterns whose selection may hold BLOCKS rows (the others select tokens or a window).
+DECODE_BLOCKS = frozenset({"page_topk", "strided"})

@@ -149,8 +149,9 @@ def sink_window_intervals(bs: torch.Tensor, be: torch.Tensor, sink: torch.Tensor
     return torch.stack([s_start, w_start], -1), torch.stack([s_end, w_end], -1)
 
 
-def fast_density(index: SparseIndex) -> float:
-    """Exactly ``index.density()``, in ``O(H * NQB * (R + C))`` instead of per query.
+def kept_pairs(index: SparseIndex) -> torch.Tensor:
+    """Causal (query, key) pairs the index keeps over all its heads: a 0-d int64 tensor on the
+    index's device (no host sync), in ``O(H * NQB * (R + C))``.
 
     For a range ``[s, e)`` and the queries ``p`` of a block ``[bs, be)``, query ``p`` keeps
     ``clamp(min(e, p + 1) - s, 0)`` keys: an arithmetic series while ``p`` is inside the range,
@@ -167,7 +168,11 @@ def fast_density(index: SparseIndex) -> float:
     kept = ((series + after) * r_live).sum()
     c_live = torch.arange(index.columns.shape[2], device=index.device) < index.column_count[..., None]
     c = index.columns.long()
-    kept = kept + ((be - torch.maximum(bs, c)).clamp(min=0) * c_live).sum()
-    q_pos = index.q_offset + torch.arange(index.q_len, dtype=torch.long)
-    causal = int((q_pos + 1).sum().item()) * index.num_heads
-    return float(kept.item()) / causal if causal else 0.0
+    return kept + ((be - torch.maximum(bs, c)).clamp(min=0) * c_live).sum()
+
+
+def fast_density(index: SparseIndex) -> float:
+    """Exactly ``index.density()`` (kept over causal pairs), from ``kept_pairs``."""
+    n, off = index.q_len, index.q_offset
+    causal = (n * off + n * (n + 1) // 2) * index.num_heads
+    return float(kept_pairs(index).item()) / causal if causal else 0.0

@@ -123,13 +123,18 @@ class Layer(SimpleNamespace):
     """What the impl reads from vLLM's attention layer: its name."""
 
 
-def make_backend(plan: Plan, tmp_path, max_num_seqs: int = 8):
+MAX_MODEL_LEN = 512  # the engine's max model length the builder is told (fixed decode selection widths)
+
+
+def make_backend(plan: Plan, tmp_path, max_num_seqs: int = 8, batched: bool | None = None):
+    """``batched=True``: the CUDA step plan (one launch per layer), run here on CPU tensors."""
     binding = PlanBinding(plan)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+                          model_config=SimpleNamespace(max_model_len=MAX_MODEL_LEN),
                           additional_config={"headwise": {"stats_dir": str(tmp_path)}})
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
-    builder = HeadwiseMetadataBuilder(spec, [], cfg, torch.device("cpu"), binding=binding)
-    impls = [HeadwiseImpl(HQ, D, SCALE, HKV, binding=binding) for _ in range(plan.model.num_layers)]
+    builder = HeadwiseMetadataBuilder(spec, [], cfg, torch.device("cpu"), binding=binding, batched=batched)
+    impls = [HeadwiseImpl(HQ, D, SCALE, HKV, binding=binding, batched=batched) for _ in range(plan.model.num_layers)]
     return builder, impls
 
 

@@ -59,14 +59,22 @@ def test_publish_is_atomic_and_throttled(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [r.path.name]  # no temp files left
 
 
-def test_device_counts_fold_in_once_per_step(tmp_path):
+def test_device_counts_accumulate_in_place_and_fold_in_when_flushed(tmp_path):
     torch = pytest.importorskip("torch")
     r = _recorder(tmp_path, 0, tp=1)
     r.add_keys_tensor(0, 1, torch.tensor(3), torch.tensor(10))
+    acc = r._device_keys
     r.add_keys_tensor(0, 1, torch.tensor(4), torch.tensor(10))
-    assert r.kept[0][1] == 0  # nothing synchronised yet
-    r.flush_device()
+    assert r._device_keys is acc  # one persistent buffer: a captured CUDA graph's replays add into it
+    assert r.kept[0][1] == 0  # nothing read back yet
+    r.flush_device(force=True)
     assert (r.kept[0][1], r.causal[0][1]) == (7, 20)
+    r.add_keys_tensor(0, 1, torch.tensor(5), torch.tensor(10))
+    r.flush_device()  # within PUBLISH_INTERVAL_S of the last read: deferred
+    assert r.kept[0][1] == 7
+    r._last_flush -= stats.PUBLISH_INTERVAL_S
+    r.flush_device()
+    assert (r.kept[0][1], r.causal[0][1]) == (12, 30) and int(acc.sum()) == 0
 
 
 def test_collector_exposes_headwise_metrics(tmp_path):

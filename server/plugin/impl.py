@@ -18,6 +18,11 @@ static index and every op schedule; per layer this module only
   from q and k, the index built here from this layer's queries and the request's cached keys;
   then vLLM's op over the cache pages (CPU) or the sparse prefill kernel.
 
+On CUDA the step is planned for one launch per layer (``metadata.BatchedWork``, ``_forward_batched``):
+FlashAttention for every row the layer attends densely, one varlen launch of the sparse kernel for
+all its sparse prefill rows, FlashAttention again for the heads of whole dense GQA groups, then the
+decode rows; nothing in that path reads a device value back to the host.
+
 The kernels are looked up through this module's ``KERNELS`` table at call time so routing tests
 can swap in recording fakes (Triton on CUDA, torch on CPU, vLLM's op on CPU where it applies).
 """
@@ -32,9 +37,11 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from headwise.kernels.decode_select import PageSummaries, update_page_summaries
 from headwise.kernels.index import DecodeMode
+from headwise.kernels.varlen import VarlenIndex
+from headwise.patterns.ranges import kept_pairs
 
 from . import cpu_ops, runner
-from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
+from .metadata import BatchedWork, HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
 from .stats import get_recorder
@@ -50,7 +57,7 @@ class HeadwiseImpl(AttentionImpl):
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
                  kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
                  attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
-                 binding: PlanBinding | None = None, **extra) -> None:
+                 binding: PlanBinding | None = None, batched: bool | None = None, **extra) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -76,6 +83,7 @@ class HeadwiseImpl(AttentionImpl):
         self.binding = binding or worker_binding()
         self.binding.check_local(num_heads, self.num_kv_heads, head_size)
         self.layer: LayerBinding | None = None
+        self.batched = batched  # the CUDA path's K/V write (no host sync); None: decided by the cache's device
         self._cache_ok: bool | None = None  # vLLM's CPU op can read this layer's cache (fixed per layer)
         self._isa: str | None = None  # the op layout this layer's CPU cache keeps (``cpu_ops.cache_isa``)
         self._views: tuple | None = None  # (cache, K pages, V pages) for vLLM's op
@@ -93,7 +101,7 @@ class HeadwiseImpl(AttentionImpl):
                 k_pages, v_pages = self._page_views(kv_cache)
                 cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n], self._cache_isa(kv_cache))
             else:
-                write_kv(key, value, kv_cache, slot_mapping, self._cache_isa(kv_cache))
+                write_kv(key, value, kv_cache, slot_mapping, self._cache_isa(kv_cache), sync_free=self.batched)
             summaries = self._page_summaries(layer, kv_cache)
             if summaries is not None and n:
                 update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
@@ -132,7 +140,9 @@ class HeadwiseImpl(AttentionImpl):
         md = attn_metadata
         started = time.perf_counter()
         native = KERNELS["native_batch"]
-        if (md.batch_dense is not None and native is not None and self._op_reads_cache(kv_cache)
+        if md.batched is not None:
+            self._forward_batched(lb, md, md.batched, query, kv_cache, output)
+        elif (md.batch_dense is not None and native is not None and self._op_reads_cache(kv_cache)
                 and (lb.prefill_dense or all(r.dense for r in md.prefill_rows))
                 and (lb.decode_dense or md.decode_dense == md.num_decodes)):
             # every row of this layer is dense in this step: the one call stock vLLM makes
@@ -153,6 +163,55 @@ class HeadwiseImpl(AttentionImpl):
             rec.add_call(lb.layer, time.perf_counter() - started)
         return output
 
+    def _forward_batched(self, lb: LayerBinding, md: HeadwiseMetadata, bw: BatchedWork, query, kv_cache,
+                         output) -> None:
+        """CUDA: one launch per kind of work. Order matters: FlashAttention over the rows this layer
+        attends densely writes every row (zeros where it has no keys), then the sparse kernel writes
+        its prefill rows, FlashAttention the dense KV groups' heads of every prefill row, and the
+        decode kernel the decode rows."""
+        k_cache, v_cache = split_kv(kv_cache)
+        flash = KERNELS["flash"]
+        dense_call = bw.flash_rows.get((lb.prefill_dense, lb.decode_dense)) if bw.flash else None
+        if dense_call is not None:
+            with phase(lb.layer, "kernel"):
+                flash(query, kv_cache, dense_call, self.scale, output)
+        if bw.layout is not None and not (bw.flash and lb.prefill_dense):
+            index = bw.static.get(lb.prefill_signature) if lb.prefill_signature is not None else None
+            if index is None:  # some head estimates from this layer's q and k
+                index = self._batched_index(lb, md, bw, query, kv_cache)
+            with phase(lb.layer, "kernel"):
+                KERNELS["sparse_prefill_varlen_paged"](query, k_cache, v_cache, md.block_table, index,
+                                                       scale=self.scale, out=output)
+                if bw.flash and bw.flash_heads is not None:
+                    group = len(lb.heads) // lb.num_local_kv_heads
+                    for kv0, kv1 in lb.dense_kv_runs:
+                        flash(query, kv_cache, bw.flash_heads, self.scale, output,
+                              heads=slice(kv0 * group, kv1 * group), kv_heads=slice(kv0, kv1))
+        if md.num_decodes and not (bw.flash and lb.decode_dense):
+            self._decode(lb, md, query, kv_cache, k_cache, v_cache, output)
+
+    def _batched_index(self, lb: LayerBinding, md: HeadwiseMetadata, bw: BatchedWork, query,
+                       kv_cache) -> VarlenIndex:
+        """The layer's index for every kernel row, estimated from this layer's q and the requests'
+        cached keys, packed on the step's layout (kept pairs counted on the device)."""
+        parts = []
+        with phase(lb.layer, "index"):
+            for row in bw.rows:
+                k_full = None if row.dense else read_kv(kv_cache, md.block_table[row.req], row.seq_len,
+                                                        keys_only=True)[0]
+                parts.append(runner.prefill_index(lb, self.binding.settings, query[row.start:row.end], k_full,
+                                                  row.q_offset, row.total_len, self.scale, cache=md.step_cache,
+                                                  ends_prompt=row.ends_prompt))
+            rec = get_recorder()
+            if rec is not None:  # rows FlashAttention ran (dense rows) keep every pair
+                full = bw.flash_row_pairs * len(lb.heads)
+                rec.add_keys_tensor(lb.layer, PREFILL, sum(kept_pairs(p) for p in parts) + full,
+                                    sum(r.causal_pairs for r in bw.rows) * len(lb.heads) + full)
+            if bw.flash and lb.dense_kv_runs:
+                keep = lb.on("dense_run_mask", query.device)
+                parts = [runner.without_heads(p, keep) for p in parts]
+            return VarlenIndex.pack(parts, layout=bw.layout)
+
     def _decode(self, lb: LayerBinding, md: HeadwiseMetadata, query, kv_cache, k_cache, v_cache, output) -> None:
         q = query[md.decode_tokens]  # [Bd, Hq, D]
         native = KERNELS["native_batch"]
@@ -166,7 +225,8 @@ class HeadwiseImpl(AttentionImpl):
         with phase(lb.layer, "select"):
             sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,
                                           md.decode_seq_lens, md.decode_total_lens, self.scale, md.tidal,
-                                          page_summaries=summaries)
+                                          page_summaries=summaries,
+                                          max_seq_len=md.max_seq_len if md.batched is not None else None)
             every_token = op_ok and bool((sel.mode == int(DecodeMode.DENSE)).all())  # every row reads every token
         with phase(lb.layer, "kernel"):
             if every_token:
@@ -179,7 +239,7 @@ class HeadwiseImpl(AttentionImpl):
         if rec is not None:
             kept = runner.decode_kept(lb, sel, md.decode_seq_lens)
             causal = md.decode_seq_lens.long().sum() * len(lb.heads)
-            if q.device.type == "cpu":
+            if q.device.type == "cpu" and md.batched is None:
                 rec.add_keys(lb.layer, DECODE, int(kept), int(causal))
             else:  # no host sync per layer on a GPU: folded in once per step
                 rec.add_keys_tensor(lb.layer, DECODE, kept, causal)

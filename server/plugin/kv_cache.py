@@ -37,12 +37,13 @@ def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             isa: str = cpu_ops.CACHE_ISA) -> None:
+             isa: str = cpu_ops.CACHE_ISA, sync_free: bool | None = None) -> None:
     """Store the new tokens' K/V at their slots.
 
     key, value: ``[T, Hkv, D]`` (T may exceed the slots given: padding rows are ignored);
     kv_cache: ``[num_blocks, Hkv, block_size, 2*D]``; slot_mapping: ``[T']`` int, -1 = padding;
-    ``isa``: the op layout the CPU cache keeps (``cpu_ops.cache_isa``).
+    ``isa``: the op layout the CPU cache keeps (``cpu_ops.cache_isa``); ``sync_free``: never read a
+    device value back (default: on CUDA), so the write can sit inside a captured CUDA graph.
     """
     n = min(key.shape[0], slot_mapping.shape[0])
     if n == 0 or kv_cache.numel() == 0:
@@ -55,13 +56,20 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         raise ValueError(f"only vLLM's op writes the {isa!r} layout, and it cannot write this cache")
     slots = slot_mapping[:n].long()
     valid = slots >= 0
-    # A host check is cheap on CPU; on CUDA it costs one sync per layer, acceptable while the
-    # backend runs attention eagerly (it declares no CUDA-graph support).
+    k_cache, v_cache = split_kv(kv_cache)
+    bs = kv_cache.shape[2]
+    if kv_cache.device.type != "cpu" if sync_free is None else sync_free:
+        # Padding rows write slot 0 back with what it holds: vLLM never hands block 0 to a request
+        # (its null block), so no real token shares that slot and nothing is read back to the host.
+        safe = torch.where(valid, slots, 0)
+        blk, off = safe // bs, safe % bs
+        keep = valid.view(-1, 1, 1)
+        k_cache[blk, :, off] = torch.where(keep, key, k_cache[blk, :, off])
+        v_cache[blk, :, off] = torch.where(keep, value, v_cache[blk, :, off])
+        return
     if not bool(valid.all()):
         keep = valid.nonzero().squeeze(1)
         slots, key, value = slots[keep], key[keep], value[keep]
-    bs = kv_cache.shape[2]
-    k_cache, v_cache = split_kv(kv_cache)
     if kv_cache.device.type == "cpu":
         runs = _slot_runs(slots, bs)
         if runs is not None:

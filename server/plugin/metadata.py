@@ -22,9 +22,15 @@
 
 ``HeadwiseImpl`` (``impl.py``) runs per layer over this metadata; ``backend.py`` registers both.
 
-CUDA graphs: the impl does host work per layer (index building, Python control flow over prefill
-rows), so the builder declares ``NEVER``: vLLM then captures the rest of the model piecewise and
-runs attention eagerly.
+On CUDA (``batched``) the step is planned for one launch per layer instead (``BatchedWork``): the
+sparse prefill rows of every layer run as one varlen launch of the sparse kernel (the static
+groups' packed indices built here; estimated ones packed per layer on the step's ``VarlenLayout``),
+and dense rows, dense layers and heads whose whole GQA group is dense run on vLLM's FlashAttention
+(``cuda_ops.FlashCall``, made here) where it runs the cache's dtype.
+
+CUDA graphs: a decode-only step is captured when every layer decodes densely on FlashAttention
+(``get_cudagraph_support``: the call reads vLLM's persistent buffers); otherwise the builder
+declares ``NEVER`` and vLLM captures the rest of the model piecewise, running attention eagerly.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
 from headwise.kernels.index import SparseIndex
+from headwise.kernels.varlen import VarlenIndex, VarlenLayout
 from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from . import cpu_ops
+from . import cpu_ops, cuda_ops, runner
 from .plan_binding import LayerBinding, PlanBinding, worker_binding
 from .stats import StatsRecorder, init_recorder, stats_dir_from_env
 from .timing import step_phase
@@ -111,6 +118,26 @@ def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, n
 
 
 @dataclass
+class BatchedWork:
+    """CUDA: the step as one launch per layer (``impl.HeadwiseImpl._forward_batched``).
+
+    ``rows``/``layout``: the prefill rows the sparse kernel runs, where their queries sit (every
+    prefill row, less the dense ones when FlashAttention runs them); ``static``: per static layer
+    signature, those rows' packed index (heads of whole dense GQA groups emptied when FlashAttention
+    runs them); ``flash_rows[(layer prefill dense, layer decode dense)]``: the FlashAttention call
+    over the rows that layer attends densely (None: none); ``flash_heads``: every prefill row, for
+    a sparse layer's dense KV groups."""
+
+    rows: list[PrefillRow]
+    layout: VarlenLayout | None
+    static: dict[tuple, VarlenIndex]
+    flash: bool  # FlashAttention runs this cache (fp16/bf16) and is available
+    flash_row_pairs: int = 0  # causal pairs per head of the prefill rows FlashAttention runs (dense rows)
+    flash_rows: dict[tuple[bool, bool], cuda_ops.FlashCall | None] = field(default_factory=dict)
+    flash_heads: cuda_ops.FlashCall | None = None
+
+
+@dataclass
 class HeadwiseMetadata:
     num_actual_tokens: int
     block_table: torch.Tensor  # [B, max_blocks] int32
@@ -132,6 +159,8 @@ class HeadwiseMetadata:
     all_rows_dense: bool = False  # every prefill row below dense_below and every decode row too
     step_cache: dict = field(default_factory=dict)  # per-step scratch shared by layers (dynamic work)
     step: int = 0
+    batched: BatchedWork | None = None  # CUDA: one launch per layer (None: the per-row CPU path)
+    max_seq_len: int | None = None  # the engine's max model length: fixed selection shapes
 
 
 # -------------------------------------------------------------------------------- builder
@@ -139,7 +168,29 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     reorder_batch_threshold: int | None = 1
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, binding: PlanBinding | None = None):
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Decode-only steps are capturable on CUDA when every layer decodes densely and
+        FlashAttention runs the cache (``plan_binding.CAPTURABLE_DECODE``); else ``NEVER``."""
+        try:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cuda():
+                return AttentionCGSupport.NEVER
+            binding = worker_binding()
+        except Exception:  # no plan or platform reachable here: claim nothing
+            return AttentionCGSupport.NEVER
+        return cls.cudagraph_support_for(binding, kv_cache_spec.dtype, kv_cache_spec.head_size)
+
+    @staticmethod
+    def cudagraph_support_for(binding: PlanBinding, dtype: torch.dtype, head_dim: int) -> AttentionCGSupport:
+        if binding.decode_capturable and cuda_ops.supports(dtype, head_dim):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, binding: PlanBinding | None = None,
+                 batched: bool | None = None):
+        """``batched``: plan one launch per layer (default: on CUDA; tests set it on CPU)."""
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.binding = binding or worker_binding()
         settings = self.binding.settings
@@ -160,7 +211,12 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         self.dtype = kv_cache_spec.dtype
         self.head_dim = kv_cache_spec.head_size
         # vLLM's op reads the real cache (CPU, pages of a multiple of 32 tokens, a dtype it runs)
-        self.use_op = (self.device.type == "cpu" and self.block_size % 32 == 0
+        self.batched = self.device.type == "cuda" if batched is None else batched
+        self.flash = (self.batched and runner.KERNELS["flash"] is not None
+                      and cuda_ops.available(self.dtype, self.head_dim))
+        model_config = getattr(vllm_config, "model_config", None)
+        self.max_seq_len = getattr(model_config, "max_model_len", None)
+        self.use_op = (not self.batched and self.device.type == "cpu" and self.block_size % 32 == 0
                        and cpu_ops.available(self.dtype, self.head_dim))
         self.op = OpTarget(self.block_size, self.binding.local_kv_heads, self.head_dim, self.dtype,
                            cpu_ops.cache_isa(self.dtype, self.block_size, self.head_dim,
@@ -225,7 +281,14 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             _LOG.debug("headwise: step %d: %d decode rows, prefill chunks (q_offset, q_len) %s", self._step + 1,
                        nd, [(r.q_offset, r.q_len) for r in rows])
         n_dense_pre = sum(r.dense for r in rows)
-        md_static = self._static_work(rows, block_table)
+        batched = None
+        if self.batched:
+            batched, pairs = self._batched_work(rows, cm, is_decode)
+            md_static = {}
+        else:
+            md_static = self._static_work(rows, block_table)
+            pairs = {sig: (sum(md_static[(sig, i)].kept_pairs for i in range(len(rows))),
+                           sum(md_static[(sig, i)].causal_pairs for i in range(len(rows)))) for sig in self.groups}
         batch_dense = decode_op = None
         if self.use_op:
             h, hkv = self.binding.local_heads, self.binding.local_kv_heads
@@ -236,7 +299,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             elif nd:
                 decode_op = cpu_ops.plan_batch(torch.arange(nd + 1), d_seq.cpu(), d_table, h, hkv, self.head_dim,
                                                self.dtype, self.op.isa)
-        self._record_static(md_static, rows, d_seq if nd else None)
+        self._record_static(pairs, d_seq if nd else None)
         self.recorder.add_step(
             prefill_tokens=sum(r.q_len for r in rows), decode_tokens=nd,
             prefill_sparse=len(rows) - n_dense_pre, prefill_dense=n_dense_pre,
@@ -248,7 +311,8 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
             decode_seq_lens=d_seq, decode_total_lens=d_seq + self.planned_generation,
             decode_block_table=d_table, decode_dense=decode_dense, prefill_rows=rows,
             tidal=self.tidal, static=md_static, batch_dense=batch_dense, decode_dense_op=decode_op,
-            all_rows_dense=all(r.dense for r in rows) and decode_dense == nd, step=self._step)
+            all_rows_dense=all(r.dense for r in rows) and decode_dense == nd, step=self._step,
+            batched=batched, max_seq_len=self.max_seq_len)
 
     def _prompt_lens(self, num_reqs: int) -> torch.Tensor | None:
         """Each row's prompt length, read from the model runner's input batch (vLLM's
@@ -276,12 +340,69 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                 work[(sig, i)] = prefill_work(index, block_table[row.req], row, len(lb.heads), self.op)
         return work
 
-    def _record_static(self, work: dict[tuple, PrefillWork], rows: list[PrefillRow], d_seq) -> None:
+    # ------------------------------------------------------------------ CUDA: one launch per layer
+    def _batched_work(self, rows: list[PrefillRow], cm: CommonAttentionMetadata,
+                      is_decode: torch.Tensor) -> tuple[BatchedWork, dict[tuple, tuple[int, int]]]:
+        """The step's launches (the kernel rows' layout and static indices, the FlashAttention calls)
+        and, per static signature, the (kept, causal) pairs of its prefill rows over the local heads."""
+        settings = self.binding.settings
+        kernel_rows = [r for r in rows if not (self.flash and r.dense)]
+        layout = VarlenLayout.of([r.q_len for r in kernel_rows], [r.q_offset for r in kernel_rows],
+                                 [r.start for r in kernel_rows], [r.req for r in kernel_rows],
+                                 block_m=settings.block_size, device=self.device) if kernel_rows else None
+        work = BatchedWork(kernel_rows, layout, {}, self.flash,
+                           flash_row_pairs=sum(r.causal_pairs for r in rows if self.flash and r.dense))
+        heads = self.binding.local_heads
+        # rows FlashAttention runs keep every pair: dense rows, and every row of a dense layer
+        full = sum(r.causal_pairs for r in rows) * heads
+        pairs = dict.fromkeys(self.groups, (full, full))
+        flash_only = work.flash_row_pairs * heads
+        cache: dict = {}
+        for sig, group in self.groups.items():
+            lb = group[0]
+            if layout is None or (self.flash and lb.prefill_dense):
+                continue
+            parts = [build_layer_prefill_index(
+                lb.prefill_specs, lb.heads, lb.num_layer_heads, None, None, lb.kv_heads, row.q_offset,
+                row.total_len, settings.block_size, q_len=row.q_len, num_layer_kv_heads=lb.num_layer_kv_heads,
+                dense_below=self.dense_below, dense_tail=settings.dense_tail if row.ends_prompt else 0,
+                cache=cache) for row in kernel_rows]
+            kept = sum(round(fast_density(p) * r.causal_pairs * heads) for p, r in zip(parts, kernel_rows))
+            pairs[sig] = (kept + flash_only, full)
+            if self.flash and lb.dense_kv_runs:
+                parts = [runner.without_heads(p, lb.dense_run_mask) for p in parts]
+            work.static[sig] = VarlenIndex.pack(parts, device=self.device, layout=layout)
+        if self.flash:
+            b = cm.num_reqs
+            dec = is_decode.tolist()
+            dense_row = [False] * b
+            for r in rows:
+                dense_row[r.req] = r.dense
+            for pre_dense in (False, True):
+                for dec_dense in (False, True):
+                    live = [(d and dec_dense) or (not d and (pre_dense or dr)) for d, dr in zip(dec, dense_row)]
+                    work.flash_rows[(pre_dense, dec_dense)] = self._flash_call(cm, live)
+            work.flash_heads = self._flash_call(cm, [not d for d in dec]) if layout is not None else None
+        return work, pairs
+
+    def _flash_call(self, cm: CommonAttentionMetadata, live: list[bool]) -> cuda_ops.FlashCall | None:
+        """FlashAttention over the whole batch; rows not ``live`` get no keys (skipped). Every row
+        live: vLLM's own persistent tensors, so a captured graph reads the next step's values."""
+        if not any(live):
+            return None
+        b = cm.num_reqs
+        seq = cm.seq_lens[:b]
+        if not all(live):
+            seq = seq * torch.tensor(live, dtype=seq.dtype).to(seq.device, non_blocking=True)
+        return cuda_ops.FlashCall(cm.query_start_loc[:b + 1], cm.max_query_len, seq,
+                                  self.max_seq_len or cm.max_seq_len, cm.block_table_tensor[:b],
+                                  slice(0, cm.num_actual_tokens))
+
+    def _record_static(self, pairs: dict[tuple, tuple[int, int]], d_seq) -> None:
         """Kept/causal pairs of the static prefill layers and dense decode layers, once per step."""
         rec = self.recorder
         for sig, group in self.groups.items():
-            kept = sum(work[(sig, i)].kept_pairs for i in range(len(rows)))
-            causal = sum(work[(sig, i)].causal_pairs for i in range(len(rows)))
+            kept, causal = pairs[sig]
             if causal:
                 for lb in group:
                     rec.add_keys(lb.layer, PREFILL, kept, causal)

@@ -123,6 +123,29 @@ class LayerBinding:
     num_layer_kv_heads: int
     prefill_specs: list[Any]
     decode_specs: list[Any]
+    num_local_kv_heads: int
+
+    @cached_property
+    def _on_device(self) -> dict:
+        return {}
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """``kv_heads``, ``decode_group_heads`` or ``dense_run_mask`` on ``device``, copied once: a
+        host-to-device copy in the per-layer path would wait for the device on CUDA."""
+        key = (name, str(device))
+        t = self._on_device.get(key)
+        if t is None:
+            t = self._on_device[key] = getattr(self, name).to(device)
+        return t
+
+    @cached_property
+    def dense_run_mask(self) -> torch.Tensor:
+        """``[H_local, 1]`` int32: 0 for the query heads of ``dense_kv_runs``, else 1."""
+        group = len(self.heads) // self.num_local_kv_heads
+        keep = torch.ones(len(self.heads), 1, dtype=torch.int32)
+        for kv0, kv1 in self.dense_kv_runs:
+            keep[kv0 * group:kv1 * group] = 0
+        return keep
 
     @cached_property
     def prefill_dense(self) -> bool:
@@ -150,7 +173,7 @@ class LayerBinding:
         """One local head per KV group when every head of each group selects the same tokens, else
         None. The decode kernel then gathers each selected K/V row once per group, not per head.
         Per-head dynamic selections (Quest pages, a TidalDecode reuse of per-head picks) differ."""
-        group = len(self.heads) // int(self.kv_heads.max().item() + 1)
+        group = len(self.heads) // self.num_local_kv_heads
         for g in range(0, len(self.heads), group):
             specs = self.decode_specs[g:g + group]
             if any(s != specs[0] for s in specs):
@@ -158,6 +181,25 @@ class LayerBinding:
             if specs[0].type == "page_topk" or (specs[0].type == "tidal" and specs[0].role == "reuse"):
                 return None
         return torch.arange(0, len(self.heads), group)
+
+    @cached_property
+    def dense_kv_runs(self) -> tuple[tuple[int, int], ...]:
+        """Runs ``[kv0, kv1)`` of local KV heads whose every query head prefills densely, in a layer
+        that is not dense as a whole: on CUDA those heads run on FlashAttention, not the sparse kernel
+        (their query heads are ``[kv0 * group, kv1 * group)``)."""
+        if self.prefill_dense:
+            return ()
+        group = len(self.heads) // self.num_local_kv_heads
+        dense = [all(s.type == "dense" for s in self.prefill_specs[g * group:(g + 1) * group])
+                 for g in range(len(self.heads) // group)]
+        runs, start = [], None
+        for g, d in enumerate(dense + [False]):
+            if d and start is None:
+                start = g
+            elif not d and start is not None:
+                runs.append((start, g))
+                start = None
+        return tuple(runs)
 
     @cached_property
     def tidal_select(self) -> bool:
@@ -207,6 +249,12 @@ class PlanBinding:
         then keep the ``vec`` layout (``cpu_ops.cache_isa``). Dense decode runs on vLLM's op."""
         return not all(self.for_layer(i).decode_dense for i in range(self.num_layers))
 
+    @property
+    def decode_capturable(self) -> bool:
+        """Every layer decodes with a pattern whose decode step is one call on the engine's persistent
+        buffers (``CAPTURABLE_DECODE``), so on CUDA a decode-only step can be captured as a graph."""
+        return all(s.type in CAPTURABLE_DECODE for i in range(self.num_layers) for s in self.for_layer(i).decode_specs)
+
     def check_local(self, num_heads: int, num_kv_heads: int, head_size: int) -> None:
         """The attention layer vLLM built must have the per-rank shape the plan implies."""
         want = (self.local_heads, self.local_kv_heads, self.head_dim)
@@ -231,11 +279,16 @@ class PlanBinding:
                 num_layer_heads=self.num_heads, num_layer_kv_heads=self.num_kv_heads,
                 prefill_specs=[self.plan.prefill(layer, h) for h in heads],
                 decode_specs=[self.plan.decode(layer, h) for h in heads],
+                num_local_kv_heads=self.local_kv_heads,
             )
             self._layers[layer] = lb
         return lb
 
 
+# Decode patterns whose CUDA decode step a graph can capture: dense decode is FlashAttention over vLLM's
+# persistent buffers (tests/test_plugin_cuda_routing.py). The selecting patterns build per-group head
+# indices with host-to-device copies and are not yet declared (not verified on a GPU).
+CAPTURABLE_DECODE = frozenset({"dense"})
 COARSE_PREFILL = frozenset({"dense", "a_shape"})  # prefill types that tolerate vLLM's whole blocks as pages
 VLLM_CPU_BLOCK = 128  # vLLM's default KV block size on CPU
 FINE_PAGE = 32  # the kernel page of plans that estimate or select tokens

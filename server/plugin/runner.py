@@ -24,15 +24,17 @@ from headwise.kernels.index import DecodeSelection, SparseIndex
 from headwise.patterns.decode import build_layer_decode_selection, select_heads
 from headwise.patterns.prefill import build_layer_prefill_index
 
-from . import cpu_ops
+from . import cpu_ops, cuda_ops
 from .plan_binding import LayerBinding
 
 # name -> callable; looked up per call (tests replace entries to record the routing)
 KERNELS: dict[str, Any] = {
     "sparse_prefill": kernels.sparse_prefill,  # contiguous K/V (transformers)
-    "sparse_prefill_paged": kernels.sparse_prefill_paged,  # K/V in the paged cache (vLLM)
+    "sparse_prefill_paged": kernels.sparse_prefill_paged,  # K/V in the paged cache (vLLM, per row)
+    "sparse_prefill_varlen_paged": kernels.sparse_prefill_varlen_paged,  # every row of a step, one launch (CUDA)
     "sparse_decode": kernels.sparse_decode,
     "native_batch": cpu_ops.run,  # vLLM's CPU op over the real cache; None: never use it
+    "flash": cuda_ops.run,  # vLLM's FlashAttention over the real cache (CUDA); None: never use it
 }
 
 
@@ -45,24 +47,26 @@ def prefill_index(lb: LayerBinding, settings, q: torch.Tensor | None, k: torch.T
     the prompt's and attend densely (an earlier chunk of a chunked prefill has no dense tail)."""
     device = q.device if q is not None else (k.device if k is not None else torch.device("cpu"))
     return build_layer_prefill_index(
-        lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k, lb.kv_heads.to(device), q_offset, total_len,
+        lb.prefill_specs, lb.heads, lb.num_layer_heads, q, k, lb.on("kv_heads", device), q_offset, total_len,
         settings.block_size, q_len=q_len, num_layer_kv_heads=lb.num_layer_kv_heads, dense_below=settings.dense_below,
         dense_tail=settings.dense_tail if ends_prompt else 0, scale=scale, cache=cache)
 
 
 def decode_selection(lb: LayerBinding, settings, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, total_lens: torch.Tensor, scale: float, tidal=None,
-                     page_summaries=None) -> DecodeSelection:
+                     page_summaries=None, max_seq_len: int | None = None) -> DecodeSelection:
     """The layer's selection for a batch of decode rows. q: ``[B, Hq_local, D]``; ``k_cache``
     ``[blocks, Hkv_local, block_size, D]`` read through ``block_table`` ``[B, max_blocks]``. When
     every head of a GQA group selects the same tokens the rows are per KV head (``[B, Hkv]``).
-    ``page_summaries``: the layer's Quest min/max kept beside the cache (None: recomputed)."""
+    ``page_summaries``: the layer's Quest min/max kept beside the cache (None: recomputed);
+    ``max_seq_len``: a host bound on ``seq_lens`` that fixes the selections' widths (no read-back)."""
     sel = build_layer_decode_selection(
         lb.decode_specs, lb.heads, lb.num_layer_heads, q, k_cache, block_table, seq_lens, total_lens,
-        lb.kv_heads.to(q.device), scale=scale, num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=tidal,
-        tidal_top_k=settings.tidal_top_k, dense_below=settings.dense_below, page_summaries=page_summaries)
+        lb.on("kv_heads", q.device), scale=scale, num_layer_kv_heads=lb.num_layer_kv_heads, tidal_state=tidal,
+        tidal_top_k=settings.tidal_top_k, dense_below=settings.dense_below, page_summaries=page_summaries,
+        max_seq_len=max_seq_len)
     if lb.decode_group_heads is not None:  # [B, Hq] -> [B, Hkv]: a GQA group shares its rows
-        sel = select_heads(sel, lb.decode_group_heads.to(sel.device))
+        sel = select_heads(sel, lb.on("decode_group_heads", sel.device))
     return sel
 
 
@@ -70,6 +74,13 @@ def decode_kept(lb: LayerBinding, sel: DecodeSelection, seq_lens: torch.Tensor) 
     """(query, key) pairs the selection keeps over the layer's local heads, a 0-d tensor (no sync)."""
     kept = selected_counts(sel, seq_lens).sum()
     return kept * (len(lb.heads) // sel.num_heads)  # a shared row serves its whole group
+
+
+def without_heads(index: SparseIndex, keep: torch.Tensor) -> SparseIndex:
+    """``index`` with no keys for the heads where ``keep`` (``[H, 1]`` int32, on the index's device)
+    is 0: their rows are computed elsewhere, and the kernel skips them."""
+    return SparseIndex(index.range_start, index.range_end, index.range_count * keep, index.columns,
+                       index.column_count * keep, index.q_len, index.q_offset, index.block_m)
 
 
 def run_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -53,9 +53,11 @@ def stats_dir_from_env() -> str | None:
 class StatsRecorder:
     """Counters of one worker process. Cheap to update from the hot path (plain Python numbers).
 
-    Counters that live on a device (decode kept-key counts on CUDA) are handed in as tensors
-    through ``add_keys_tensor`` and folded into host numbers once per step by ``flush_device``,
-    so the per-layer path never synchronises with the GPU.
+    Counters that live on a device (kept-key counts made per layer on CUDA) are handed in as
+    tensors through ``add_keys_tensor`` and added *in place* into one persistent device tensor, so
+    the per-layer path never synchronises with the GPU and a captured CUDA graph's replays keep
+    counting; ``flush_device`` (called by the step planner) folds it into the host numbers at most
+    every ``PUBLISH_INTERVAL_S``.
     """
 
     def __init__(self, num_layers: int, stats_dir: str | None, rank: int = 0, tp_size: int = 1,
@@ -82,7 +84,8 @@ class StatsRecorder:
         self.mixed_steps = 0  # steps whose batch held prefill and decode rows together
         self.tokens = [0, 0]
         self.requests = [[0, 0], [0, 0]]  # [phase][path]
-        self._device_keys: dict[tuple[int, int], Any] = {}
+        self._device_keys = None  # [layer, phase, (kept, causal)] int64 on the device, added in place
+        self._last_flush = 0.0
         self._dirty = True
         self._last_publish = 0.0
         self._thread: threading.Thread | None = None
@@ -96,10 +99,16 @@ class StatsRecorder:
         self._dirty = True
 
     def add_keys_tensor(self, layer: int, phase: int, kept, causal) -> None:
-        """``kept``/``causal`` are 0-d device tensors, summed on the device until ``flush_device``."""
-        key = (layer, phase)
-        prev = self._device_keys.get(key)
-        self._device_keys[key] = (kept, causal) if prev is None else (prev[0] + kept, prev[1] + causal)
+        """``kept``/``causal``: 0-d device tensors (or ints), summed on the device until ``flush_device``."""
+        import torch
+
+        kept = torch.as_tensor(kept)
+        acc = self._device_keys
+        if acc is None or acc.device != kept.device:
+            self.flush_device(force=True)
+            acc = self._device_keys = torch.zeros(self.num_layers, 2, 2, dtype=torch.int64, device=kept.device)
+        acc[layer, phase, 0] += kept
+        acc[layer, phase, 1] += causal
         self._dirty = True
 
     def add_call(self, layer: int, seconds: float) -> None:
@@ -127,13 +136,20 @@ class StatsRecorder:
         self.requests[1][1] += decode_dense
         self._dirty = True
 
-    def flush_device(self) -> None:
-        if not self._device_keys:
+    def flush_device(self, force: bool = False) -> None:
+        """Fold the device counts into the host ones (one device read), at most every
+        ``PUBLISH_INTERVAL_S`` unless ``force``."""
+        acc = self._device_keys
+        now = time.monotonic()
+        if acc is None or (not force and now - self._last_flush < PUBLISH_INTERVAL_S):
             return
-        pending, self._device_keys = self._device_keys, {}
-        for (layer, phase), (kept, causal) in pending.items():
-            self.kept[layer][phase] += int(kept.item())
-            self.causal[layer][phase] += int(causal.item())
+        self._last_flush = now
+        counts = acc.tolist()
+        acc.zero_()
+        for layer, per_phase in enumerate(counts):
+            for phase, (kept, causal) in enumerate(per_phase):
+                self.kept[layer][phase] += kept
+                self.causal[layer][phase] += causal
 
     # ---------------------------------------------------------------- publishing
     def snapshot(self) -> dict:

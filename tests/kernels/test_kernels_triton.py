@@ -15,7 +15,7 @@ from kernels_testlib import (assert_lse_close, assert_out_close, paged_cache, qk
 
 from headwise.kernels import (DecodeMode, DecodeSelection, SparseIndex, decode_attention_reference,
                               masked_attention_reference, sparse_decode_torch)
-from headwise.kernels.varlen import VarlenIndex, sparse_prefill_varlen_torch
+from headwise.kernels.varlen import VarlenIndex, VarlenLayout, sparse_prefill_varlen_paged_torch, sparse_prefill_varlen_torch
 
 # (Hq, Hkv, D, dtype): every GQA ratio (1, 3, 4, 8), both head dims, both dtypes, in few launches
 PREFILL_CASES = [
@@ -87,6 +87,41 @@ def test_prefill_varlen_small(triton_kernels, device, hq, hkv, d, dtype):
 @pytest.mark.parametrize("hq,hkv,d,dtype", PREFILL_CASES + [(32, 8, 128, torch.float16)])
 def test_prefill_varlen_full(triton_kernels, device, hq, hkv, d, dtype):
     _run_prefill(triton_kernels, device, hq, hkv, d, dtype, FULL_BATCH)
+
+
+def test_prefill_varlen_writes_chunks_in_place_and_leaves_other_rows(triton_kernels, device):
+    """A step's layout: chunks at their rows of the step's q (other rows in between, e.g. decode or
+    dense rows run elsewhere), each reading its own block-table row; out given, written in place."""
+    prefill = triton_kernels[0]
+    hq, hkv, d, dtype = 6, 2, 64, torch.float32
+    idxs, qs, ks, vs = _batch_inputs(SMALL_BATCH, hq, hkv, d, dtype, "cpu", seed=21)
+    gaps = [3, 5, 2]  # rows of other work before each chunk
+    starts, row = [], 0
+    for gap, q in zip(gaps, qs):
+        starts.append(row + gap)
+        row += gap + q.shape[0]
+    reqs = [2, 0, 1]  # chunk r reads block-table row reqs[r]
+    kc, vc, table = paged_cache([ks[reqs.index(i)] for i in range(3)], [vs[reqs.index(i)] for i in range(3)],
+                                block_size=16, seed=7)
+    q = torch.randn(row + 4, hq, d, dtype=dtype)
+    for s0, qq in zip(starts, qs):
+        q[s0:s0 + qq.shape[0]] = qq
+    layout = VarlenLayout.of([x.q_len for x in idxs], [x.q_offset for x in idxs], starts, reqs, device=device)
+    packed = VarlenIndex.pack([x.to(device) for x in idxs], layout=layout)
+    out = torch.full_like(q, 7.0).to(device)
+    got = prefill.sparse_prefill_varlen_paged_triton(q.to(device), kc.to(device), vc.to(device), table.to(device),
+                                                     packed, out=out)
+    assert got is out
+    want = sparse_prefill_varlen_paged_torch(q, kc, vc, table, VarlenIndex.pack(idxs, layout=layout.to("cpu")),
+                                             out=torch.full_like(q, 7.0))
+    covered = torch.zeros(q.shape[0], dtype=torch.bool)
+    for s0, qq in zip(starts, qs):
+        covered[s0:s0 + qq.shape[0]] = True
+    assert torch.all(out.cpu()[~covered] == 7.0)  # rows of other work untouched
+    assert_out_close(out.cpu()[covered], want[covered], dtype)
+    for s0, idx, qq, k, v in zip(starts, idxs, qs, ks, vs):
+        ref, _ = masked_attention_reference(qq, k, v, idx.to_dense_mask())
+        assert_out_close(out.cpu()[s0:s0 + qq.shape[0]], ref, dtype)
 
 
 def test_prefill_single_request_entry_points(triton_kernels, device):
