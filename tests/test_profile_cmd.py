@@ -57,6 +57,40 @@ def test_saved_measurements_reproduce_the_plan_through_the_cli(measured, tmp_pat
     assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
 
 
+def test_costs_from_a_plan_reproduce_its_timed_choice_without_timing(measured, tmp_path):
+    """A plan made with ``--cost time`` records what each candidate took; ``--costs-from`` re-solves
+    with those seconds (no timing run), so the same scores give the same plan on any machine."""
+    import dataclasses
+
+    import numpy as np
+
+    from headwise.patterns.profile import describe
+
+    scores = tmp_path / "m.npz"
+    measured.save(scores)
+    cands = measured.scores.candidates
+    rng = np.random.default_rng(0)  # any positive timings; dense the slowest, as measured ones are
+    seconds = np.concatenate([[[1.0, 1.4]], rng.uniform(0.05, 0.9, (len(cands) - 1, 2))])
+    source = tmp_path / "timed.json"
+    source.write_text(json.dumps({"provenance": {"lengths": [256, 320], "candidate_seconds": {
+        describe(c): row.tolist() for c, row in zip(cands, seconds)}}}))
+    out = tmp_path / "p.json"
+    rc = main(["profile", "--out", str(out), "--from-scores", str(scores), "--lengths", "256,320",
+               "--cost", "time", "--time-budget", "0.5", "--costs-from", str(source), "--validate-cases", "0"])
+    assert rc == 0
+    cfg = dataclasses.replace(CFG, cost="time", time_budget=(0.5,))
+    expected, _ = make_plan(dataclasses.replace(measured, costs=seconds, cost_device="cpu"), cfg)
+    got = load_plan(out)
+    assert all(got.prefill(l, h) == expected.prefill(l, h) for l in range(30) for h in range(9))
+    assert got.provenance["candidate_seconds"][describe(cands[1])] == [round(x, 5) for x in seconds[1]]
+    # a plan timed over other candidates is refused, naming what is missing
+    source.write_text(json.dumps({"provenance": {"lengths": [256, 320], "candidate_seconds": {
+        describe(cands[0]): [1.0, 1.0]}}}))
+    rc = main(["profile", "--out", str(out), "--from-scores", str(scores), "--lengths", "256,320",
+               "--cost", "time", "--costs-from", str(source), "--validate-cases", "0"])
+    assert rc == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "passkey,haystack"], "expected names from"),
     (["--density-budget", "0"], "must be in (0, 1]"),

@@ -61,6 +61,7 @@ class ProfileConfig:
     device: str = "cpu"
     num_layers: int | None = None  # profile only the first N layers (tests); the plan still covers all
     families: tuple[str, ...] | None = None  # candidate pattern types to search (None: every family)
+    costs_from: Path | None = None  # a plan whose provenance holds the candidates' measured seconds
 
 
 def _log(msg: str) -> None:
@@ -201,7 +202,10 @@ def measure(cfg: ProfileConfig) -> Measurements:
                  f"{scored_layers} layers scored in {time.monotonic() - t0:.1f}s "
                  f"(elapsed {time.monotonic() - started:.0f}s)")
     costs = None
-    if cfg.cost == "time":
+    if cfg.cost == "time" and cfg.costs_from is not None:
+        costs = costs_from_plan(cfg.costs_from, candidates, lengths)
+        _log(f"candidate timings read from {cfg.costs_from} (measured on {cfg.device} when it was made)")
+    elif cfg.cost == "time":
         from .profile_cost import measure_costs
 
         del model  # the timings run alone
@@ -210,6 +214,37 @@ def measure(cfg: ProfileConfig) -> Measurements:
                               dtype=getattr(torch, cfg.dtype), log=_log)
     return Measurements(geo, path, scores, tidal, prompt_tokens, round(time.monotonic() - started, 1), costs,
                         cfg.device if costs is not None else None)
+
+
+def costs_from_plan(path: Path, candidates: list, lengths: list[int]):
+    """``[C, N]`` seconds per candidate and length, read from a plan's ``provenance.candidate_seconds``
+    (what ``headwise profile`` measured when it made that plan): re-solving with another plan's
+    timings reproduces its choice without timing again, and makes the choice repeatable."""
+    import json
+
+    import numpy as np
+
+    from headwise.patterns.profile import describe
+
+    try:
+        prov = json.loads(Path(path).read_text()).get("provenance") or {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--costs-from {path}: cannot read a plan: {exc}") from exc
+    seconds, at = prov.get("candidate_seconds"), prov.get("lengths")
+    if not seconds or at is None:
+        raise ValueError(f"--costs-from {path}: its provenance has no candidate_seconds (a plan made by "
+                         f"`headwise profile --cost time` has them)")
+    missing = [n for n in lengths if n not in at]
+    if missing:
+        raise ValueError(f"--costs-from {path}: timed at lengths {at}, not at {missing}")
+    out = np.zeros((len(candidates), len(lengths)))
+    for ci, c in enumerate(candidates):
+        row = seconds.get(describe(c))
+        if row is None:
+            raise ValueError(f"--costs-from {path}: no timing for candidate {describe(c)}; it timed "
+                             f"{len(seconds)} candidates (narrow the search with --families)")
+        out[ci] = [row[at.index(n)] for n in lengths]
+    return out
 
 
 def make_plan(meas: Measurements, cfg: ProfileConfig):
@@ -449,6 +484,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="search only these prefill families (comma list, e.g. a_shape,strided; dense is always "
                         "a candidate): a family measured to cost more than the budget on this device can be "
                         "left out to shorten the run")
+    p.add_argument("--costs-from", type=Path, default=None,
+                   help="take the candidates' measured seconds from this plan's provenance instead of timing "
+                        "them (reproduces a shipped plan's choice; its lengths and candidates must cover these)")
     p.add_argument("--save-scores", type=Path, default=None, help="also write the raw measurements (.npz)")
     p.add_argument("--from-scores", type=Path, default=None,
                    help="skip the model run: re-solve from measurements saved by --save-scores")
@@ -506,14 +544,20 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         validate_tasks=vtasks, accuracy_target=args.accuracy_target,
                         families=tuple(f.strip() for f in args.families.split(",") if f.strip())
                         if args.families else None,
-                        planned_generation=args.planned_generation, dtype=args.dtype, device=args.device)
+                        planned_generation=args.planned_generation, dtype=args.dtype, device=args.device,
+                        costs_from=args.costs_from)
     try:
         if args.from_scores:
             meas = Measurements.load(args.from_scores)
             if meas.tidal is not None and meas.tidal.top_k != cfg.tidal_top_k:
                 _log(f"note: the saved TidalDecode scores were measured at top-{meas.tidal.top_k}; "
                      f"the plan uses top-{cfg.tidal_top_k}")
-            if cfg.cost == "time" and meas.costs is None:  # scored without timings: time the candidates now
+            if cfg.cost == "time" and cfg.costs_from is not None:
+                import dataclasses
+
+                meas = dataclasses.replace(meas, costs=costs_from_plan(cfg.costs_from, meas.scores.candidates,
+                                                                       meas.scores.lengths), cost_device=cfg.device)
+            elif cfg.cost == "time" and meas.costs is None:  # scored without timings: time the candidates now
                 import dataclasses
 
                 import torch
