@@ -67,7 +67,7 @@ def test_ready_line_names_the_url_and_the_headwise_backend(server):
         time.sleep(0.2)
     line = next(ln for ln in server.log_text().splitlines() if "[headwise] ready at" in ln)
     assert f"ready at {server.url} " in line
-    assert "headwise attention (1 worker(s))" in line and "sparse.json" in line
+    assert "headwise attention (1 worker(s))" in line and "profiled.json" in line
 
 
 def test_health_answers_without_a_key(server):
@@ -254,7 +254,7 @@ def _settled_stats(server) -> dict:
 def test_plan_route_describes_the_shipped_plan(server):
     num_layers = json.loads((default_model_dir() / "config.json").read_text())["num_hidden_layers"]
     plan = _get(server, "/v1/headwise/plan").json()
-    assert plan["plan"].endswith("smollm2-135m-instruct/sparse.json")
+    assert plan["plan"].endswith("smollm2-135m-instruct/profiled.json")
     assert plan["length"] == 8192  # the server's context length when none is asked for
     assert len(plan["layers"]) == num_layers == plan["model"]["num_layers"]
     assert 0 < plan["expected_density"]["prefill"] < 1
