@@ -97,14 +97,17 @@ class HeadwiseImpl(AttentionImpl):
         n = min(key.shape[0], slot_mapping.shape[0])
         lb = self.layer or (self.bind(layer.layer_name) if layer is not None else None)
         with phase(lb.layer if lb is not None else 0, "kv_write"):
+            if n < key.shape[0] or n < slot_mapping.shape[0]:
+                key, value, slot_mapping = key[:n], value[:n], slot_mapping[:n]
             if self._op_reads_cache(kv_cache) and key.dtype == kv_cache.dtype:  # vLLM's writer, no checks per call
                 k_pages, v_pages = self._page_views(kv_cache)
-                cpu_ops.write_pages(key[:n], value[:n], k_pages, v_pages, slot_mapping[:n], self._cache_isa(kv_cache))
+                cpu_ops.write_pages(key, value, k_pages, v_pages, slot_mapping, self._cache_isa(kv_cache))
             else:
                 write_kv(key, value, kv_cache, slot_mapping, self._cache_isa(kv_cache), sync_free=self.batched)
-            summaries = self._page_summaries(layer, kv_cache)
-            if summaries is not None and n:
-                update_page_summaries(summaries, key[:n], slot_mapping[:n], kv_cache.shape[2])
+            if lb is not None and lb.quest_pages:
+                summaries = self._page_summaries(layer, kv_cache)
+                if summaries is not None and n:
+                    update_page_summaries(summaries, key, slot_mapping, kv_cache.shape[2])
 
     def _page_summaries(self, layer, kv_cache: torch.Tensor) -> PageSummaries | None:
         """This layer's Quest summaries, made at its first write when some head decodes with
@@ -113,7 +116,7 @@ class HeadwiseImpl(AttentionImpl):
         if self._summaries is not None and self._summaries[0] is kv_cache:
             return self._summaries[1]
         lb = self.layer or (self.bind(layer.layer_name) if layer is not None else None)
-        pages = [s.page_size for s in lb.decode_specs if s.type == "page_topk"] if lb is not None else []
+        pages = lb.quest_pages if lb is not None else ()
         if not pages or kv_cache.numel() == 0:
             return None
         nb, hkv, bs, d2 = kv_cache.shape
@@ -176,7 +179,7 @@ class HeadwiseImpl(AttentionImpl):
             with phase(lb.layer, "kernel"):
                 flash(query, kv_cache, dense_call, self.scale, output)
         if bw.layout is not None and not (bw.flash and lb.prefill_dense):
-            index = bw.static.get(lb.prefill_signature) if lb.prefill_signature is not None else None
+            index = bw.static.get(lb.prefill_group) if lb.prefill_group is not None else None
             if index is None:  # some head estimates from this layer's q and k
                 index = self._batched_index(lb, md, bw, query, kv_cache)
             with phase(lb.layer, "kernel"):
@@ -248,7 +251,7 @@ class HeadwiseImpl(AttentionImpl):
                  v_cache, output) -> None:
         q = query[row.start:row.end]  # [Tq, Hq, D]
         table_row = md.block_table[row.req]
-        work = md.static.get((lb.prefill_signature, i)) if lb.prefill_signature is not None else None
+        work = md.static.get((lb.prefill_group, i)) if lb.prefill_group is not None else None
         if work is None:  # some head estimates its index from this layer's q and k
             k_full = None
             if not row.dense:

@@ -12,7 +12,7 @@
 * the *static work* of the step: for every prefill row and every group of layers whose heads all
   use position-only patterns (dense, A-shape, strided, MoA windows), the ``SparseIndex`` and, on
   CPU, vLLM's op schedule over the real cache pages (``cpu_ops``), built here once and shared by
-  every layer of the group (``PrefillWork``, looked up by ``LayerBinding.prefill_signature``);
+  every layer of the group (``PrefillWork``, looked up by ``LayerBinding.prefill_group``);
 * on CPU, one op schedule for the whole batch (``batch_dense``): a layer whose rows are all dense
   in this step makes the very call stock vLLM makes; and one for the decode rows alone;
 * the stats of everything decided here (static layers' kept/causal pairs, request counts),
@@ -130,7 +130,7 @@ class BatchedWork:
 
     rows: list[PrefillRow]
     layout: VarlenLayout | None
-    static: dict[tuple, VarlenIndex]
+    static: dict[int, VarlenIndex]
     flash: bool  # FlashAttention runs this cache (fp16/bf16) and is available
     flash_row_pairs: int = 0  # causal pairs per head of the prefill rows FlashAttention runs (dense rows)
     flash_rows: dict[tuple[bool, bool], cuda_ops.FlashCall | None] = field(default_factory=dict)
@@ -152,8 +152,8 @@ class HeadwiseMetadata:
     decode_dense: int  # decode rows below dense_below (stats)
     prefill_rows: list[PrefillRow]
     tidal: TidalState | None = None
-    # (prefill signature, row number) -> the row's work for every layer with that signature
-    static: dict[tuple, PrefillWork] = field(default_factory=dict)
+    # (prefill group, row number) -> the row's work for every layer of that group (equal signatures)
+    static: dict[tuple[int, int], PrefillWork] = field(default_factory=dict)
     batch_dense: cpu_ops.OpSchedule | None = None  # CPU: the whole batch, dense, as stock runs it
     decode_dense_op: cpu_ops.OpSchedule | None = None  # CPU: the decode rows alone, dense
     all_rows_dense: bool = False  # every prefill row below dense_below and every decode row too
@@ -223,11 +223,11 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                                              self.binding.torch_reads_pages)) if self.use_op else None
         # one representative layer per prefill signature: static groups are built once per step
         layers = [self.binding.for_layer(i) for i in range(self.binding.num_layers)]
-        self.groups: dict[tuple, list[LayerBinding]] = {}
+        self.groups: dict[int, list[LayerBinding]] = {}
         for lb in layers:
-            if lb.prefill_signature is not None:
-                self.groups.setdefault(lb.prefill_signature, []).append(lb)
-        self.decode_dense_layers = sum(lb.decode_dense for lb in layers)
+            if lb.prefill_group is not None:
+                self.groups.setdefault(lb.prefill_group, []).append(lb)
+        self.decode_dense_layers = [lb.layer for lb in layers if lb.decode_dense]
         _log_active(self.binding, self.block_size, device)
         if self.binding.settings.dense_tail and self._prompt_lens(0) is None:
             _LOG.warning("headwise: no model runner found: prompt lengths unknown, so every prefill chunk gets "
@@ -288,7 +288,8 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         else:
             md_static = self._static_work(rows, block_table)
             pairs = {sig: (sum(md_static[(sig, i)].kept_pairs for i in range(len(rows))),
-                           sum(md_static[(sig, i)].causal_pairs for i in range(len(rows)))) for sig in self.groups}
+                           sum(md_static[(sig, i)].causal_pairs for i in range(len(rows))))
+                     for sig in self.groups} if rows else {}
         batch_dense = decode_op = None
         if self.use_op:
             h, hkv = self.binding.local_heads, self.binding.local_kv_heads
@@ -324,7 +325,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         return None if lens is None else lens[:num_reqs]
 
     # ------------------------------------------------------------------ static work
-    def _static_work(self, rows: list[PrefillRow], block_table: torch.Tensor) -> dict[tuple, PrefillWork]:
+    def _static_work(self, rows: list[PrefillRow], block_table: torch.Tensor) -> dict[tuple[int, int], PrefillWork]:
         """Index (and op schedule) of every prefill row for every static layer group: once per step."""
         settings = self.binding.settings
         work: dict[tuple, PrefillWork] = {}
@@ -342,7 +343,7 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
 
     # ------------------------------------------------------------------ CUDA: one launch per layer
     def _batched_work(self, rows: list[PrefillRow], cm: CommonAttentionMetadata,
-                      is_decode: torch.Tensor) -> tuple[BatchedWork, dict[tuple, tuple[int, int]]]:
+                      is_decode: torch.Tensor) -> tuple[BatchedWork, dict[int, tuple[int, int]]]:
         """The step's launches (the kernel rows' layout and static indices, the FlashAttention calls)
         and, per static signature, the (kept, causal) pairs of its prefill rows over the local heads."""
         settings = self.binding.settings
@@ -398,20 +399,17 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                                   self.max_seq_len or cm.max_seq_len, cm.block_table_tensor[:b],
                                   slice(0, cm.num_actual_tokens))
 
-    def _record_static(self, pairs: dict[tuple, tuple[int, int]], d_seq) -> None:
+    def _record_static(self, pairs: dict[int, tuple[int, int]], d_seq) -> None:
         """Kept/causal pairs of the static prefill layers and dense decode layers, once per step."""
         rec = self.recorder
-        for sig, group in self.groups.items():
-            kept, causal = pairs[sig]
+        for sig, (kept, causal) in pairs.items():
             if causal:
-                for lb in group:
+                for lb in self.groups[sig]:
                     rec.add_keys(lb.layer, PREFILL, kept, causal)
         if d_seq is not None and self.decode_dense_layers:
             causal = int(d_seq.long().sum()) * self.binding.local_heads
-            for i in range(self.binding.num_layers):
-                lb = self.binding.for_layer(i)
-                if lb.decode_dense:
-                    rec.add_keys(lb.layer, DECODE, causal, causal)
+            for layer in self.decode_dense_layers:
+                rec.add_keys(layer, DECODE, causal, causal)
 
 
 def _model_runner():
