@@ -167,13 +167,15 @@ def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_he
 @dataclass
 class LayerScore:
     """One layer of one prompt: ``mass [H, C]`` (mean kept probability), ``density [H, C]``,
-    ``quality [H, C]`` (``output_quality``; None without values) and the row sample they were
-    measured on (the decode scorer reuses its probabilities)."""
+    ``quality [H, C]`` (``output_quality``; None without values), the row sample they were
+    measured on and its ``sample_values`` (the decode scorers reuse both rather than recompute
+    the softmax; None without values)."""
 
     mass: np.ndarray
     density: np.ndarray
     sample: RowSample | None = None
     quality: np.ndarray | None = None
+    values: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternModel], *, layer_heads: int,
@@ -207,7 +209,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
             quality[:, c] = output_quality(index, sample, v, kv_heads, values).cpu().numpy()
         for h in range(hq):
             density[h, c] = fast_density(index.select_heads([h]))
-    return LayerScore(mass, density, sample, quality)
+    return LayerScore(mass, density, sample, quality, values)
 
 
 @dataclass

@@ -254,3 +254,107 @@ def test_output_quality_is_the_relative_error_of_the_masked_softmax_output():
     want = (1 - ((part - full).norm(dim=-1) / full.norm(dim=-1)).clamp(max=1)).mean(-1)
     assert torch.allclose(got, want, atol=1e-4)
     assert (got < 1).all()  # the window drops keys the rows attend to
+
+
+# ------------------------------------------------------------- decode by optimisation
+def test_decode_candidates_scale_with_the_longest_length():
+    from headwise.patterns.profile_decode import decode_candidates
+
+    cands = decode_candidates([2048, 8192])
+    assert cands[0] == Dense() and [c.window for c in cands[1:]] == [256, 512, 1024, 2048, 4096]
+    assert all(c.sink == 64 for c in cands[1:])
+    assert all(c.window + c.sink < 320 for c in decode_candidates([256, 320])[1:])
+
+
+def test_decode_kept_mass_equals_the_mask_the_decode_kernel_reads():
+    """The prefix-sum mass of a window against the positions ``selection_positions`` reads."""
+    from headwise.kernels.decode import selection_positions
+    from headwise.kernels.index import DecodeMode, DecodeSelection
+    from headwise.patterns.profile_decode import answer_rows, decode_keep_mask, decode_kept_mass
+    from headwise.patterns.window import Window
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(333, HQ, D, generator=g), torch.randn(333, HKV, D, generator=g)
+    sample = RowSample.from_qk(q, k, torch.arange(HQ) // 3, n_blocks=3)
+    rows = answer_rows(sample)
+    pos = sample.rows[rows]
+    assert pos.min() == sample.blocks[-1] * 64 and len(pos) == 333 - sample.blocks[-1] * 64
+    for spec in (Dense(), Window(sink=16, window=40), Window(sink=64, window=32), Window(sink=0, window=500)):
+        mask = decode_keep_mask(spec, pos, 333)
+        if spec.type == "window":  # the kernel's own positions for a request of len p + 1
+            sel = DecodeSelection.uniform(len(pos), 1, DecodeMode.WINDOW, sink=spec.sink, window=spec.window)
+            at, valid = selection_positions(sel, pos + 1, spec.sink + spec.window)
+            kernel = torch.zeros(len(pos), 333, dtype=torch.bool)
+            for r in range(len(pos)):
+                kernel[r, at[r, 0][valid[r, 0]]] = True
+            assert torch.equal(mask, kernel)
+        want = (sample.probs[:, rows] * mask[None]).sum(-1)
+        torch.testing.assert_close(decode_kept_mass(spec, sample, rows), want, atol=1e-5, rtol=0)
+
+
+def _decode_brute_force(score, costs, budget):
+    """Best mean score over every assignment whose ``decode_plan_cost`` fits the budget at every length."""
+    from headwise.patterns.profile_decode import decode_plan_cost
+
+    n_l, n_h, n_c, _ = score.shape
+    best, li, hi = -1.0, *np.meshgrid(range(n_l), range(n_h), indexing="ij")
+    for combo in itertools.product(range(n_c), repeat=n_l * n_h):
+        pick = np.array(combo).reshape(n_l, n_h)
+        if (decode_plan_cost(pick, costs) <= np.asarray(budget) + 1e-9).all():
+            best = max(best, score[li, hi, pick].mean())
+    return best
+
+
+def _decode_problem(seed, kernel_dense=1.3, window_vs_dense=(0.2, 0.9), shared=1.0):
+    from headwise.patterns.profile_decode import DecodeCosts
+
+    rng = np.random.default_rng(seed)
+    score = rng.random((2, 3, 3, 2))  # layers, heads, candidates (dense + 2 windows), lengths
+    score[:, :, 0] = 1.0
+    op = np.array([1e-3, 2e-3])
+    kernel = op * np.array([[kernel_dense], *[[rng.uniform(*window_vs_dense)] for _ in range(2)]])
+    return score, DecodeCosts(op, op * shared, kernel)
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.5])
+def test_decode_solver_keeps_every_head_dense_when_dense_is_the_fastest(budget):
+    """CPU: vLLM's op decodes densely faster than the torch kernel reads a window; a budget of 1
+    (the default) or more then gives the all-dense plan, which also keeps the most."""
+    from headwise.patterns.profile_decode import choose_decode
+
+    score, costs = _decode_problem(0, window_vs_dense=(1.1, 1.2))
+    choice = choose_decode(score, costs, budget)
+    assert (choice.pick == 0).all() and choice.cost == pytest.approx([1.0, 1.0]) and choice.kept == 1.0
+    with pytest.raises(ValueError, match="below"):
+        choose_decode(score, costs, 0.9)  # no plan is faster than dense: said, not "infeasible"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("budget", [0.85, (0.9, 0.75), 0.7])
+@pytest.mark.parametrize("shared", [1.0, 1.2])  # 1.2: the kernel-readable layout slows the op's dense layers
+def test_decode_solver_matches_brute_force_and_holds_the_budget_at_every_length(seed, budget, shared):
+    from headwise.patterns.profile_decode import choose_decode, decode_plan_cost
+
+    score, costs = _decode_problem(seed, shared=shared)
+    best = _decode_brute_force(score, costs, budget)
+    if best < 0:
+        with pytest.raises(ValueError):
+            choose_decode(score, costs, budget)
+        return
+    choice = choose_decode(score, costs, budget)
+    assert choice.kept == pytest.approx(best, abs=1e-6)
+    cost = decode_plan_cost(choice.pick, costs)
+    assert (cost <= np.broadcast_to(budget, (2,)) + 1e-6).all() and choice.cost == pytest.approx(list(cost))
+    assert (choice.pick != 0).any()  # a budget under 1 needs a window somewhere
+
+
+def test_decode_plan_cost_follows_the_servers_routing():
+    """A layer with one selecting head runs all its heads on the kernel; the others stay on the op
+    (in the shared layout once any layer uses the kernel)."""
+    from headwise.patterns.profile_decode import DecodeCosts, decode_plan_cost
+
+    costs = DecodeCosts(np.array([1.0]), np.array([1.5]), np.array([[3.0], [0.3]]))  # per layer of 3 heads
+    assert decode_plan_cost(np.zeros((2, 3), dtype=int), costs) == pytest.approx([1.0])
+    mixed = np.array([[1, 0, 0], [0, 0, 0]])  # layer 0: one window head + two dense heads on the kernel
+    assert decode_plan_cost(mixed, costs) == pytest.approx([(0.1 + 2 * 1.0 + 1.5) / 2])
+    assert decode_plan_cost(np.ones((2, 3), dtype=int), costs) == pytest.approx([0.3])
