@@ -1,7 +1,7 @@
 """``headwise profile``: measure every head of a model on calibration prompts and write a Plan.
 
     headwise profile --model M --out PLAN.json [--lengths 2048,4096,8192] [--prompts 4]
-                     [--time-budget 0.3] [--objective output] [--validate-cases 2]
+                     [--time-budget 0.3] [--decode-time-budget 1.0] [--objective output] [--validate-cases 2]
 
 The model runs in Hugging Face transformers with the headwise attention in capture mode: dense
 attention through the headwise kernels, and each layer's q/k/v handed to ``score_layer`` as the
@@ -13,7 +13,11 @@ attention *output* it gives there, ``output``: at one budget on SmolLM2 the mass
 higher on the eval suite, ``evals/results/suite-mass.md`` vs ``suite-output.md``), and priced by its **measured** time on this device, the way
 the server runs it (``profile_cost``; or its density, ``--cost density``). ``choose_patterns`` (a
 MILP) picks one prefill pattern per head with the plan's attention time at most the budget times
-dense at every calibration length; decode patterns follow ``patterns.profile_decode.decode_for``.
+dense at every calibration length. Decode is chosen the same way (``--decode optimize``, the
+default): dense and sink + window selections scored per head on the answer rows, priced by the
+measured time of one decode step (``profile_cost.measure_decode_costs``), one per head by
+``patterns.profile_decode.choose_decode`` under ``--decode-time-budget``; the older rules
+(``patterns.profile_decode.decode_for``: TidalDecode, matched windows, all dense) stay available.
 The plan is then validated: the eval suite on held-out seeds through the transformers path,
 dense vs the plan, per task and length (``--validate-cases``); a plan below its accuracy target
 is written with a warning. The plan file carries its provenance (``provenance``). Progress goes
@@ -30,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 _TASKS = ("passkey", "kv_retrieval", "variable_tracking")
+# patterns.profile_decode.DECODE_CHOICES spelled out: building the CLI's parser imports no torch
+DECODE_CHOICES = ("optimize", "auto", "tidal", "matched", "dense")
 
 
 @dataclass
@@ -51,7 +57,8 @@ class ProfileConfig:
     max_per_layer: int | None = 3  # distinct prefill patterns per layer (None: no limit)
     per_length: bool = False  # budget at every length instead of on the mean over lengths
     dense_below: int | None = None  # default: the shortest calibration prompt, rounded down to 64
-    decode: str = "auto"
+    decode: str = "optimize"  # optimize: choose_decode (measured); auto/tidal/matched/dense: decode_for's rules
+    decode_time_budget: tuple[float, ...] = (1.0,)  # optimize: decode time / all-dense's, per length
     tidal_top_k: int = 256
     select_layers: tuple[int, ...] | None = None  # default: chosen from the measured reuse mass
     selections: int = 4  # TidalDecode selection layers to place
@@ -97,6 +104,8 @@ class Measurements:
     seconds: float
     costs: "np.ndarray | None" = None  # noqa: F821 - [C, N] measured seconds per layer (profile_cost)
     cost_device: str | None = None
+    decode_scores: "DecodeScores | None" = None  # noqa: F821 - answer-row scores of the decode candidates
+    decode_costs: "DecodeCosts | None" = None  # noqa: F821 - measured seconds of one decode step per layer
 
     def save(self, path: Path) -> None:
         """``.npz`` with the score sums and a JSON header (candidates as plan JSON)."""
@@ -108,6 +117,8 @@ class Measurements:
                   "candidates": [c.model_dump(mode="json") for c in self.scores.candidates],
                   "prompt_tokens": {str(k): v for k, v in self.prompt_tokens.items()}, "seconds": self.seconds,
                   "tidal_top_k": self.tidal.top_k if self.tidal else None, "cost_device": self.cost_device}
+        if self.decode_scores is not None:
+            header["decode_candidates"] = [c.model_dump(mode="json") for c in self.decode_scores.candidates]
         arrays = {"mass_sum": self.scores.mass_sum, "density_sum": self.scores.density_sum,
                   "count": self.scores.count}
         if self.scores.quality_sum is not None:
@@ -116,6 +127,13 @@ class Measurements:
             arrays["costs"] = self.costs
         if self.tidal is not None:
             arrays.update(tidal_sum=self.tidal.mass_sum, tidal_count=self.tidal.count)
+        if self.decode_scores is not None:
+            arrays.update(decode_mass_sum=self.decode_scores.mass_sum, decode_count=self.decode_scores.count)
+            if self.decode_scores.quality_sum is not None:
+                arrays["decode_quality_sum"] = self.decode_scores.quality_sum
+        if self.decode_costs is not None:
+            arrays.update(decode_op=self.decode_costs.op, decode_op_shared=self.decode_costs.op_shared,
+                          decode_kernel=self.decode_costs.kernel)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             np.savez(f, header=np.array(json.dumps(header)), **arrays)
@@ -127,9 +145,9 @@ class Measurements:
         import numpy as np
         from pydantic import TypeAdapter
 
-        from headwise.patterns.plan import PrefillSpec
+        from headwise.patterns.plan import DecodeSpec, PrefillSpec
         from headwise.patterns.profile import ProfileScores
-        from headwise.patterns.profile_decode import TidalScores
+        from headwise.patterns.profile_decode import DecodeCosts, DecodeScores, TidalScores
 
         data = np.load(path)
         header = json.loads(str(data["header"]))
@@ -143,9 +161,20 @@ class Measurements:
         if "tidal_sum" in data:
             tidal = TidalScores(n_layers, header["tidal_top_k"], data["tidal_sum"].shape[2])
             tidal.mass_sum, tidal.count = data["tidal_sum"], data["tidal_count"]
+        decode_scores = decode_costs = None
+        if "decode_mass_sum" in data:  # measurements saved before decode was optimised have none
+            dec_adapter = TypeAdapter(DecodeSpec)
+            decode_scores = DecodeScores(n_layers, data["decode_mass_sum"].shape[1],
+                                         [dec_adapter.validate_python(c) for c in header["decode_candidates"]],
+                                         header["lengths"])
+            decode_scores.mass_sum, decode_scores.count = data["decode_mass_sum"], data["decode_count"]
+            decode_scores.quality_sum = data["decode_quality_sum"] if "decode_quality_sum" in data else None
+        if "decode_kernel" in data:
+            decode_costs = DecodeCosts(data["decode_op"], data["decode_op_shared"], data["decode_kernel"])
         return cls(header["geometry"], header["model_path"], scores, tidal,
                    {int(k): v for k, v in header["prompt_tokens"].items()}, header["seconds"],
-                   data["costs"] if "costs" in data else None, header.get("cost_device"))
+                   data["costs"] if "costs" in data else None, header.get("cost_device"), decode_scores,
+                   decode_costs)
 
 
 def measure(cfg: ProfileConfig) -> Measurements:
@@ -154,7 +183,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
     from transformers import AutoTokenizer
 
     from headwise.patterns.profile import ProfileScores, default_candidates, score_layer
-    from headwise.patterns.profile_decode import TidalScores
+    from headwise.patterns.profile_decode import DecodeScores, TidalScores, decode_candidates
 
     from headwise.server.plugin import hf
     from .model import read_geometry, resolve_model
@@ -178,6 +207,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
         model.config.num_hidden_layers = scored_layers
     scores = ProfileScores(scored_layers, n_heads, candidates, lengths)
     tidal = TidalScores(scored_layers, cfg.tidal_top_k, n_heads)
+    decode_scores = DecodeScores(scored_layers, n_heads, decode_candidates(lengths), lengths)
     current = {"li": 0}
 
     def capture(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -187,6 +217,7 @@ def measure(cfg: ProfileConfig) -> Measurements:
                             v=v if cfg.objective == "output" else None, tail=cfg.dense_tail)
         scores.add(layer, current["li"], score)
         tidal.add(layer, score.sample)
+        decode_scores.add(layer, current["li"], score.sample, score.values)
 
     hf.attach_plan(model, None, capture=capture)
     prompt_tokens: dict[int, list[int]] = {n: [] for n in lengths}
@@ -201,19 +232,23 @@ def measure(cfg: ProfileConfig) -> Measurements:
             _log(f"length {length} prompt {p + 1}/{cfg.prompts} ({task}, {ids.shape[1]} tokens): "
                  f"{scored_layers} layers scored in {time.monotonic() - t0:.1f}s "
                  f"(elapsed {time.monotonic() - started:.0f}s)")
-    costs = None
+    costs = decode_costs = None
     if cfg.cost == "time" and cfg.costs_from is not None:
         costs = costs_from_plan(cfg.costs_from, candidates, lengths)
+        decode_costs = decode_costs_from_plan(cfg.costs_from, decode_scores.candidates, lengths,
+                                              required=cfg.decode == "optimize")
         _log(f"candidate timings read from {cfg.costs_from} (measured on {cfg.device} when it was made)")
     elif cfg.cost == "time":
-        from .profile_cost import measure_costs
+        from .profile_cost import measure_costs, measure_decode_costs
 
         del model  # the timings run alone
         _log(f"timing {len(candidates)} candidates for one layer at {lengths} tokens on {cfg.device} ...")
         costs = measure_costs(candidates, n_heads, n_kv, geo["head_dim"], lengths, device=cfg.device,
                               dtype=getattr(torch, cfg.dtype), log=_log)
+        decode_costs = measure_decode_costs(decode_scores.candidates, n_heads, n_kv, geo["head_dim"], lengths,
+                                            device=cfg.device, dtype=getattr(torch, cfg.dtype), log=_log)
     return Measurements(geo, path, scores, tidal, prompt_tokens, round(time.monotonic() - started, 1), costs,
-                        cfg.device if costs is not None else None)
+                        cfg.device if costs is not None else None, decode_scores, decode_costs)
 
 
 def costs_from_plan(path: Path, candidates: list, lengths: list[int]):
@@ -245,6 +280,91 @@ def costs_from_plan(path: Path, candidates: list, lengths: list[int]):
                              f"{len(seconds)} candidates (narrow the search with --families)")
         out[ci] = [row[at.index(n)] for n in lengths]
     return out
+
+
+def decode_costs_from_plan(path: Path, candidates: list, lengths: list[int], required: bool = True):
+    """``DecodeCosts`` read from a plan's ``provenance.decode_seconds`` (what ``headwise profile``
+    timed for the decode candidates when it made that plan), or None when the plan has none and
+    they are not ``required`` (a decode rule needs no timing)."""
+    import json
+
+    from headwise.patterns.profile_decode import DecodeCosts
+
+    try:
+        prov = json.loads(Path(path).read_text()).get("provenance") or {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--costs-from {path}: cannot read a plan: {exc}") from exc
+    seconds, at = prov.get("decode_seconds"), prov.get("lengths")
+    if not seconds or at is None:
+        if not required:
+            return None
+        raise ValueError(f"--costs-from {path}: its provenance has no decode_seconds (a plan made by `headwise "
+                         f"profile --cost time --decode optimize` has them); time the decode candidates on this "
+                         f"device (leave out --costs-from), or choose a decode rule (--decode auto)")
+    return DecodeCosts.from_seconds(seconds, candidates, at, lengths, where=f"--costs-from {path}: decode_seconds")
+
+
+def choose_decode_tables(meas: Measurements, cfg: ProfileConfig, dense_below: int) -> tuple[list[list], dict]:
+    """``--decode optimize``: every scored head's decode spec chosen by ``choose_decode`` (unscored
+    layers dense), and what it achieves for the report."""
+    import numpy as np
+
+    from headwise.patterns.profile import describe
+    from headwise.patterns.profile_decode import DecodeCosts, choose_decode, decode_plan_cost
+
+    ds = meas.decode_scores
+    if ds is None:
+        raise ValueError("--decode optimize: these measurements hold no decode scores (saved before decode was "
+                         "optimised); re-measure, or choose a decode rule (--decode auto)")
+    lengths, candidates = ds.lengths, ds.candidates
+    if cfg.cost == "time":
+        if meas.decode_costs is None:
+            raise ValueError("--decode optimize --cost time: these measurements hold no decode timings; re-measure, "
+                             "take them from a plan (--costs-from), or choose --cost density")
+        costs = meas.decode_costs
+    else:
+        costs = DecodeCosts.from_density(candidates, lengths)
+    budget = list(cfg.decode_time_budget)
+    if len(budget) not in (1, len(lengths)):
+        raise ValueError(f"--decode-time-budget: expected one value or one per calibration length ({len(lengths)}: "
+                         f"{lengths}), found {len(budget)}")
+    budget = [float(b) for b in (budget * len(lengths) if len(budget) == 1 else budget)]
+    score = ds.mass()
+    if cfg.objective == "output":
+        if ds.quality_sum is not None:
+            score = ds.quality()
+        else:
+            _log("note: --objective output: no decode output quality was measured; decode is judged by kept mass")
+    # decode rows shorter than dense_below read every token whatever is chosen: those lengths are
+    # left out of the solve, as in prefill
+    live = [li for li, n in enumerate(lengths) if n >= dense_below]
+    if not live:
+        raise ValueError(f"every calibration length {lengths} is below dense_below={dense_below}: nothing to plan")
+    sub = DecodeCosts(costs.op[live], costs.op_shared[live], costs.kernel[:, live])
+    t0 = time.monotonic()
+    try:
+        choice = choose_decode(score[..., live], sub, [budget[li] for li in live])
+    except ValueError as exc:
+        raise ValueError(f"--decode-time-budget {','.join(map(str, cfg.decode_time_budget))}: {exc}") from exc
+    rel = decode_plan_cost(choice.pick, costs)
+    rel[[li for li in range(len(lengths)) if li not in live]] = 1.0
+    li_, hi_ = np.meshgrid(np.arange(ds.num_layers), np.arange(ds.num_heads), indexing="ij")
+    kept = float(ds.mass()[li_, hi_, choice.pick].mean())
+    counts: dict[str, int] = {}
+    for c in choice.pick.flatten():
+        counts[describe(candidates[c])] = counts.get(describe(candidates[c]), 0) + 1
+    _log(f"decode MILP: {choice.status} in {time.monotonic() - t0:.1f}s; kept decode mass {kept:.4f}; decode "
+         f"{cfg.cost} vs dense " + ", ".join(f"{n}: {c:.3f}" for n, c in zip(lengths, rel)) + f"; {counts}")
+    table = [[candidates[choice.pick[l, h]] if l < ds.num_layers else candidates[0]
+              for h in range(meas.geometry["num_heads"])] for l in range(meas.geometry["num_layers"])]
+    report = {
+        "decode_budget": budget, "decode_candidates": [describe(c) for c in candidates],
+        "decode_kept_mass": round(kept, 4), "decode_objective_value": round(choice.kept, 4),
+        "decode_time_vs_dense": {str(n): round(float(c), 4) for n, c in zip(lengths, rel)},
+        "decode_seconds": costs.to_seconds(candidates) if cfg.cost == "time" else None,
+        "decode_patterns": counts, "decode_milp": choice.status,
+    }
+    return table, report
 
 
 def make_plan(meas: Measurements, cfg: ProfileConfig):
@@ -314,7 +434,9 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
     decode_mass = None
     measured = meas.tidal is not None and scored_layers == n_layers
     reuse = meas.tidal.reuse() if measured else None  # [L, L, H]
-    if cfg.select_layers is not None:
+    if cfg.decode == "optimize":
+        select = []  # no TidalDecode: every head's decode is chosen by the MILP
+    elif cfg.select_layers is not None:
         select = list(cfg.select_layers)
     elif cfg.decode in ("auto", "tidal") and measured:
         select, decode_mass = choose_select_layers(reuse.mean(-1), cfg.selections)
@@ -333,8 +455,12 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
 
     prefill = [[candidates[choice.pick[l, h]] if l < scored_layers else candidates[0] for h in range(n_heads)]
                for l in range(n_layers)]
-    decode = [[decode_for(prefill[l][h], l, select, cfg.decode, reuse_ok=reuse_ok(l, h)) for h in range(n_heads)]
-              for l in range(n_layers)]
+    decode_report: dict = {}
+    if cfg.decode == "optimize":
+        decode, decode_report = choose_decode_tables(meas, cfg, dense_below)
+    else:
+        decode = [[decode_for(prefill[l][h], l, select, cfg.decode, reuse_ok=reuse_ok(l, h))
+                   for h in range(n_heads)] for l in range(n_layers)]
     dense_reuse = sum(1 for l in range(n_layers) for h in range(n_heads)
                       if cfg.decode == "auto" and not reuse_ok(l, h) and l not in select)
     if dense_reuse:
@@ -363,6 +489,7 @@ def make_plan(meas: Measurements, cfg: ProfileConfig):
         "milp": choice.status, "candidates": [describe(c) for c in candidates], "scored_layers": scored_layers,
         "measure_seconds": meas.seconds, "dense_kept_mass": float(np.mean(mass[..., 0, :])),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **decode_report,
     }
     description = (f"profiled by `headwise profile` for {Path(meas.model_path).name} at {lengths} tokens: per head, "
                    f"the best {cfg.objective} under a {cfg.cost} budget of {budget} of dense; see provenance")
@@ -467,9 +594,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="distinct prefill patterns per layer (0: no limit; default 3)")
     p.add_argument("--per-length", action="store_true", help="hold the budget at every length, not on the mean")
     p.add_argument("--dense-below", type=int, default=None, help="plan's dense_below (default: shortest calibration prompt, rounded down to 64)")
-    p.add_argument("--decode", choices=("auto", "tidal", "matched", "dense"), default=d.decode,
-                   help="decode rule: auto = TidalDecode, dense for heads measured to lose on reuse (default); "
-                        "tidal = TidalDecode everywhere; matched = window heads keep their span, others dense")
+    p.add_argument("--decode", choices=DECODE_CHOICES, default=d.decode,
+                   help="how each head's decode pattern is chosen: optimize = per head, dense or a sink+window "
+                        "selection, whichever keeps the most of the answer rows' attention under "
+                        "--decode-time-budget, priced by measured decode time (default); the rules: auto = "
+                        "TidalDecode, dense for heads measured to lose on reuse; tidal = TidalDecode everywhere; "
+                        "matched = window prefill heads keep their span, others dense; dense = every head dense")
+    p.add_argument("--decode-time-budget", type=_float_list, default=d.decode_time_budget,
+                   help="--decode optimize: the plan's decode time as a fraction of all-dense decode's, held at "
+                        "every calibration length: one value, or one per length (default "
+                        f"{','.join(map(str, d.decode_time_budget))}: all dense wherever dense decode is the "
+                        "fastest, as on CPU; with --cost density, the share of cached tokens read)")
     p.add_argument("--tidal-top-k", type=int, default=d.tidal_top_k, help="TidalDecode tokens per head (default 256)")
     p.add_argument("--select-layers", type=_int_list, default=None,
                    help="TidalDecode selection layers (default: placed by the measured reuse mass)")
@@ -510,6 +645,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if not all(b > 0 for b in args.time_budget):
         print(f"headwise profile: --time-budget must be > 0, found {args.time_budget}", file=sys.stderr)
         return 2
+    if not all(b > 0 for b in args.decode_time_budget):
+        print(f"headwise profile: --decode-time-budget: expected values > 0 (decode time as a fraction of dense "
+              f"decode's), found {','.join(map(str, args.decode_time_budget))}", file=sys.stderr)
+        return 2
     vtasks = tuple(t.strip() for t in args.validate_tasks.split(",") if t.strip())
     if args.validate_cases:
         validator = plan_validator()
@@ -540,6 +679,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                         per_length=args.per_length, dense_below=args.dense_below, decode=args.decode,
                         tidal_top_k=args.tidal_top_k, select_layers=args.select_layers, selections=args.selections,
                         min_reuse_mass=args.min_reuse_mass, time_budget=args.time_budget, cost=args.cost,
+                        decode_time_budget=args.decode_time_budget,
                         objective=args.objective, dense_tail=args.dense_tail, validate_cases=args.validate_cases,
                         validate_tasks=vtasks, accuracy_target=args.accuracy_target,
                         families=tuple(f.strip() for f in args.families.split(",") if f.strip())
@@ -552,23 +692,35 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             if meas.tidal is not None and meas.tidal.top_k != cfg.tidal_top_k:
                 _log(f"note: the saved TidalDecode scores were measured at top-{meas.tidal.top_k}; "
                      f"the plan uses top-{cfg.tidal_top_k}")
+            optimize = cfg.decode == "optimize" and meas.decode_scores is not None
             if cfg.cost == "time" and cfg.costs_from is not None:
                 import dataclasses
 
                 meas = dataclasses.replace(meas, costs=costs_from_plan(cfg.costs_from, meas.scores.candidates,
                                                                        meas.scores.lengths), cost_device=cfg.device)
-            elif cfg.cost == "time" and meas.costs is None:  # scored without timings: time the candidates now
+                if meas.decode_scores is not None:
+                    meas = dataclasses.replace(meas, decode_costs=decode_costs_from_plan(
+                        cfg.costs_from, meas.decode_scores.candidates, meas.scores.lengths, required=optimize))
+            elif cfg.cost == "time" and (meas.costs is None or (optimize and meas.decode_costs is None)):
+                # scored without timings: time the candidates now
                 import dataclasses
 
                 import torch
 
-                from .profile_cost import measure_costs
+                from .profile_cost import measure_costs, measure_decode_costs
 
-                _log(f"timing {len(meas.scores.candidates)} candidates at {meas.scores.lengths} tokens on {cfg.device}")
                 g = meas.geometry
-                meas = dataclasses.replace(meas, costs=measure_costs(
-                    meas.scores.candidates, g["num_heads"], g["num_kv_heads"], g["head_dim"], meas.scores.lengths,
-                    device=cfg.device, dtype=getattr(torch, cfg.dtype), log=_log), cost_device=cfg.device)
+                if meas.costs is None:
+                    _log(f"timing {len(meas.scores.candidates)} candidates at {meas.scores.lengths} tokens on "
+                         f"{cfg.device}")
+                    meas = dataclasses.replace(meas, costs=measure_costs(
+                        meas.scores.candidates, g["num_heads"], g["num_kv_heads"], g["head_dim"],
+                        meas.scores.lengths, device=cfg.device, dtype=getattr(torch, cfg.dtype), log=_log),
+                        cost_device=cfg.device)
+                if optimize and meas.decode_costs is None:
+                    meas = dataclasses.replace(meas, decode_costs=measure_decode_costs(
+                        meas.decode_scores.candidates, g["num_heads"], g["num_kv_heads"], g["head_dim"],
+                        meas.scores.lengths, device=cfg.device, dtype=getattr(torch, cfg.dtype), log=_log))
         else:
             meas = measure(cfg)
         if args.save_scores:

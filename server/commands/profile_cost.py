@@ -103,3 +103,97 @@ def measure_costs(candidates: Sequence, num_heads: int, num_kv_heads: int, head_
 def relative(costs: np.ndarray, dense_index: int = 0) -> np.ndarray:
     """Costs as a fraction of the dense candidate's at the same length (``[C, N]``)."""
     return costs / np.maximum(costs[dense_index][None], 1e-12)
+
+
+def measure_decode_costs(candidates: Sequence, num_heads: int, num_kv_heads: int, head_dim: int,
+                         lengths: Sequence[int], *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                         batch: int = 1, repeats: int = 20, log=None):
+    """``DecodeCosts``: seconds of one decode step of one layer (``batch`` requests of each length).
+
+    The decode side's counterpart of ``measure_costs``, timed the way the server runs a decode row:
+
+    * CPU with vLLM's op: a layer whose heads all decode densely is one op call (``plan_batch``'s
+      schedule, made once per step by the builder and shared by the layers, so not timed) over a
+      cache in the layout such a plan keeps (stock's, 128-token blocks): ``op``; the same call over
+      the ``vec`` cache of 32-token pages that a plan keeps once any layer decodes through torch:
+      ``op_shared``; every other layer builds its ``DecodeSelection`` and runs the torch kernel
+      (``kernels.sparse_decode``) over that cache: ``kernel`` per candidate, every head on it.
+    * elsewhere (CUDA, or a CPU without the op): every decode row runs ``kernels.sparse_decode``,
+      dense included, so ``op`` and ``op_shared`` are its dense time.
+
+    Random q/k/v: a window's or dense read's time does not depend on the values. Many repeats, the
+    best kept: one step of one layer takes well under a millisecond on a CPU.
+    """
+    import numpy as np
+
+    from headwise import kernels
+    from headwise.kernels.index import DecodeMode, DecodeSelection
+    from headwise.patterns.decode import build_layer_decode_selection
+    from headwise.patterns.profile_decode import DecodeCosts
+    from headwise.server.plugin import cpu_ops
+    from headwise.server.plugin.kv_cache import split_kv, write_kv
+    from headwise.server.plugin.plan_binding import FINE_PAGE, VLLM_CPU_BLOCK
+
+    use_op = device == "cpu" and cpu_ops.available(dtype, head_dim)
+    gen = torch.Generator().manual_seed(0)
+    scale = head_dim ** -0.5
+    kv_heads = torch.arange(num_heads) // (num_heads // num_kv_heads)
+    op, op_shared = np.zeros(len(lengths)), np.zeros(len(lengths))
+    kernel = np.zeros((len(candidates), len(lengths)))
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    for li, n in enumerate(lengths):
+        q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype).to(device)
+        k = torch.randn(batch * n, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+        v = torch.randn(batch * n, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+        seq_lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+
+        def cache(page: int, isa: str):
+            """``batch`` requests of ``n`` cached tokens each in a paged cache of ``page``-token pages."""
+            per = -(-n // page)
+            kv = torch.zeros(batch * per, num_kv_heads, page, 2 * head_dim, dtype=dtype, device=device)
+            table = torch.arange(batch * per, dtype=torch.int32, device=device).view(batch, per)
+            slots = (table.long()[:, :, None] * page + torch.arange(page, device=device)).flatten(1)[:, :n]
+            write_kv(k, v, kv, slots.flatten(), isa)
+            return kv, table
+
+        kv, table = cache(FINE_PAGE, cpu_ops.CACHE_ISA)  # the layout the torch kernel reads
+        k_cache, v_cache = split_kv(kv)
+        if use_op:
+            def op_time(kv_op: torch.Tensor, table_op: torch.Tensor, isa: str) -> float:
+                sched = cpu_ops.plan_batch(torch.arange(batch + 1), seq_lens, table_op, num_heads, num_kv_heads,
+                                           head_dim, dtype, isa)
+                views = cpu_ops.page_views(kv_op)
+                return _best(lambda: cpu_ops.run(q, views, sched, scale), repeats)
+
+            stock = cpu_ops.cache_isa(dtype, VLLM_CPU_BLOCK, head_dim, False)
+            op[li] = op_time(*cache(VLLM_CPU_BLOCK, stock), stock)
+            op_shared[li] = op_time(kv, table, cpu_ops.CACHE_ISA)
+        for ci, spec in enumerate(candidates):
+            def step() -> None:
+                if spec.type == "dense":  # a dense head beside selecting ones: every token, on the kernel
+                    sel = DecodeSelection.uniform(batch, num_heads, DecodeMode.DENSE, device=device)
+                else:
+                    sel = build_layer_decode_selection([spec] * num_heads, list(range(num_heads)), num_heads, q,
+                                                       k_cache, table, seq_lens, kv_heads=kv_heads, scale=scale,
+                                                       num_layer_kv_heads=num_kv_heads)
+                kernels.sparse_decode(q, k_cache, v_cache, table, seq_lens, sel, scale=scale)
+                sync()
+
+            kernel[ci, li] = _best(step, repeats)
+        if not use_op:
+            dense = [ci for ci, c in enumerate(candidates) if c.type == "dense"]
+            op[li] = op_shared[li] = kernel[dense[0], li] if dense else 1.0
+        if log is not None:
+            log(f"decode cost at {n} tokens, one layer: dense {op[li] * 1e3:.3f} ms "
+                f"({'vLLM op' if use_op else 'sparse kernel'}; {op_shared[li] * 1e3:.3f} ms in the kernel-readable "
+                f"layout); on the kernel: " + ", ".join(f"{_label(c)} {t * 1e3:.3f} ms"
+                                                         for c, t in zip(candidates, kernel[:, li])))
+    return DecodeCosts(op, op_shared, kernel)
+
+
+def _label(spec) -> str:
+    return "dense" if spec.type == "dense" else f"window {spec.window}+{spec.sink}"
