@@ -128,7 +128,9 @@ def test_candidates_are_priced_by_their_measured_time_and_the_plan_holds_the_tim
     assert costs.shape == (len(cands), 2) and (costs > 0).all()
     assert (relative(costs)[0] == 1.0).all()  # candidate 0 is dense
     timed = dataclasses.replace(measured, costs=costs, cost_device="cpu")
-    budget = float(relative(costs).min(0).max()) + 0.05  # feasible whatever the timings were
+    # feasible whatever the timings were: every head can take the candidate whose slowest length is the
+    # fastest (the per-length minima need not come from one candidate: noisy timings on a loaded machine)
+    budget = float(relative(costs).max(1).min()) + 0.05
     cfg = dataclasses.replace(CFG, cost="time", time_budget=(budget,), decode="dense")  # decode timings: below
     plan, report = make_plan(timed, cfg)
     assert all(v <= budget + 1e-6 for v in report["attention_time_vs_dense"].values())

@@ -16,6 +16,10 @@ length, in chunked-prefill chunks:
 ``measure_costs`` returns seconds per candidate and length; the profiler's budget is the plan's
 attention time relative to dense at every length (``relative``). Random q/k: a static pattern's
 cost does not depend on the data, and an estimated one keeps a fixed budget of keys.
+
+``measure_decode_costs`` does the same for the decode candidates (dense, sink + window): one decode
+step of one layer, on vLLM's op or the sparse decode kernel as the server routes it
+(``patterns.profile_decode.DecodeCosts``, priced by ``decode_plan_cost``).
 """
 
 from __future__ import annotations
