@@ -266,3 +266,11 @@ def test_a_malformed_decode_budget_is_refused_by_the_parser(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--decode-time-budget" in err and "expected comma-separated numbers" in err
+
+
+def test_the_clis_decode_choices_are_the_profilers():
+    """The CLI spells the choices out (its parser imports no torch); they must stay the profiler's."""
+    from headwise.patterns.profile_decode import DECODE_CHOICES
+    from headwise.server.commands import profile_cmd
+
+    assert profile_cmd.DECODE_CHOICES == DECODE_CHOICES and ProfileConfig().decode == "optimize"
