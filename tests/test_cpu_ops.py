@@ -142,6 +142,55 @@ def test_dense_decode_reads_the_real_cache_through_scattered_block_tables():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("per_kv", [False, True], ids=["per query head", "shared per GQA group"])
+def test_sink_window_decode_rows_run_on_the_op_over_the_pages_they_keep(per_kv):
+    """Decode rows whose heads keep a sink and a window (different per head, some rows dense) run on
+    the op over the pages those keep: the fp32 oracle under the page-rounded selection, which keeps
+    every key of the exact one; the kept pairs reported are the rounded ones."""
+    from headwise.kernels.index import DecodeMode, DecodeSelection
+    from headwise.server.plugin.kv_cache import split_kv, write_kv
+
+    bs, nb, lens = PAGE, 60, [700, 37, 512, 130]  # long, shorter than the window, page-aligned, one past a page
+    g = torch.Generator().manual_seed(5)
+    kv = torch.zeros(nb, HKV, bs, 2 * D, dtype=torch.bfloat16)
+    perm = torch.randperm(nb, generator=g)
+    table = torch.zeros(len(lens), 24, dtype=torch.int32)
+    ks, vs, start = [], [], 0
+    for i, n in enumerate(lens):
+        blocks = perm[start:start + -(-n // bs)]
+        start += len(blocks)
+        table[i, :len(blocks)] = blocks.to(torch.int32)
+        slots = torch.tensor([int(blocks[p // bs]) * bs + p % bs for p in range(n)])
+        ks.append(torch.randn(n, HKV, D, generator=g).bfloat16())
+        vs.append(torch.randn(n, HKV, D, generator=g).bfloat16())
+        write_kv(ks[-1], vs[-1], kv, slots)
+    q = torch.randn(len(lens), HQ, D, generator=g).bfloat16()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    h = HKV if per_kv else HQ
+    sink = torch.tensor([[4, 40, 0] * (h // 3)] * len(lens), dtype=torch.int32)  # unaligned sinks, none
+    window = torch.tensor([[100, 33, 256] * (h // 3)] * len(lens), dtype=torch.int32)
+    mode = torch.full((len(lens), h), int(DecodeMode.WINDOW), dtype=torch.int32)
+    mode[2] = int(DecodeMode.DENSE)  # a row below dense_below
+    sel = DecodeSelection(mode, sink, window, torch.zeros(len(lens), h, 1, dtype=torch.int32),
+                          torch.zeros(len(lens), h, dtype=torch.int32))
+    sched = cpu_ops.plan_decode(sel, seq_lens, table, bs, HQ, HKV, D, torch.bfloat16)
+    got = cpu_ops.run(q, kv, sched, D ** -0.5)
+    rounded = cpu_ops.page_round_windows(sel, seq_lens, bs)
+    exact_m, round_m = sel.to_dense_mask(seq_lens), rounded.to_dense_mask(seq_lens)  # [B, h, S]
+    assert bool((round_m | ~exact_m).all()) and bool((round_m & ~exact_m).any())  # a superset, really rounded
+    group = HQ // h
+    assert sched.kept_pairs == int(round_m.sum()) * group
+    assert sched.causal_pairs == int(seq_lens.sum()) * HQ
+    for i, n in enumerate(lens):
+        mask = round_m[i].repeat_interleave(group, dim=0)[:, None, :n]  # [HQ, 1, n]
+        want, _ = masked_attention_reference(q[i:i + 1], ks[i], vs[i], mask, D ** -0.5)
+        torch.testing.assert_close(got[i:i + 1].float(), want, atol=2e-2, rtol=0)
+    k_cache, v_cache = split_kv(kv)  # and the torch decode kernel on the rounded selection agrees
+    from headwise.kernels.decode import sparse_decode_torch
+    same = sparse_decode_torch(q, k_cache, v_cache, table, seq_lens, rounded, D ** -0.5)
+    torch.testing.assert_close(got.float(), same.float(), atol=2e-2, rtol=0)
+
+
 def test_the_default_plan_is_page_shaped_so_nothing_is_rounded():
     from pathlib import Path
 

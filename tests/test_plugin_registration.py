@@ -151,8 +151,9 @@ def test_binding_slices_heads_per_rank():
 
 
 def test_the_cpu_page_grain_follows_the_plan():
-    """Sink/window plans with dense decode read vLLM's whole blocks (stock's page size); plans that
-    estimate or select tokens (a_shape.json decodes with a window) keep 32-token pages."""
+    """Sink/window plans whose decode vLLM's op runs too (dense, or sink + window: a_shape.json decodes
+    with a window) read vLLM's whole blocks (stock's page size); plans that estimate or select
+    tokens keep 32-token pages."""
     from pathlib import Path
 
     from headwise.patterns.plan import load_plan
@@ -161,5 +162,5 @@ def test_the_cpu_page_grain_follows_the_plan():
     plans = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-instruct"
     grain = {name: PlanBinding(load_plan(plans / f"{name}.json")).coarse_pages
              for name in ("sparse", "dense", "a_shape", "mixed", "vertical_slash", "strided", "tidal")}
-    assert grain == {"sparse": True, "dense": True, "a_shape": False, "mixed": False, "vertical_slash": False,
+    assert grain == {"sparse": True, "dense": True, "a_shape": True, "mixed": False, "vertical_slash": False,
                      "strided": False, "tidal": False}, grain

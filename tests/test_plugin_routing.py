@@ -152,6 +152,49 @@ def test_a_step_whose_rows_are_all_dense_is_one_op_call_as_stock_makes_it(tmp_pa
         torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, step.causal(i)), atol=ATOL, rtol=0)
 
 
+@pytest.mark.skipif(not cpu_ops.available(torch.float32, D), reason="vLLM's CPU attention op is not here")
+def test_sink_window_decode_runs_on_vllms_op_planned_once_per_step(tmp_path, fakes, monkeypatch):
+    """Window decode heads read the pages their sink and window keep, on the op (no torch decode
+    kernel), rounded up to whole pages; layers with the same decode specs share one schedule."""
+    import plugin_batches
+
+    monkeypatch.setattr(plugin_batches, "BS", 32)
+    native = []
+
+    def run_native(q, kv_cache, schedule, scale, out=None):
+        native.append(schedule)
+        return cpu_ops.run(q, kv_cache, schedule, scale, out)
+
+    monkeypatch.setitem(impl_mod.KERNELS, "native_batch", run_native)
+    plan = make_plan({"type": "a_shape", "sink": 32, "window": 33}, {"type": "window", "sink": 4, "window": 40},
+                     dense_below=64)
+    builder, impls = make_backend(plan, tmp_path)
+    reqs = [Req(39, 1, False), Req(150, 1, False), Req(200, 1, False)]  # below dense_below, then windows
+    step = Step(reqs, seed=12)
+    md = builder.build(0, step.common)
+    outs = [run_layer(impls[layer], layer, step, md, step.query(13 + layer), write=layer == 0) for layer in (0, 1)]
+    assert not fakes.calls and len(native) == 2 and native[0] is native[1]  # planned once, shared
+    sel = make_window_selection(reqs, 4, 40, dense_below=64)
+    rounded = cpu_ops.page_round_windows(sel, step.seq_lens, 32).to_dense_mask(step.seq_lens)
+    assert native[0].kept_pairs == int(rounded.sum()) * (HQ // HKV)
+    for layer, out in zip((0, 1), outs):
+        for i, r in enumerate(reqs):
+            mask = rounded[i].repeat_interleave(HQ // HKV, dim=0)[:, None, :r.seq_len]
+            torch.testing.assert_close(out[step.rows(i)], step.reference(step.query(13 + layer), i, mask),
+                                       atol=ATOL, rtol=0)
+
+
+def make_window_selection(reqs, sink: int, window: int, dense_below: int):
+    """The selection a sink + window decode spec makes, shared per GQA group (``[B, HKV]``)."""
+    from headwise.kernels.index import DecodeSelection
+
+    b = len(reqs)
+    sel = DecodeSelection.uniform(b, HKV, DecodeMode.WINDOW, sink=sink, window=window)
+    short = torch.tensor([r.seq_len < dense_below for r in reqs]).view(-1, 1)
+    sel.mode = torch.where(short, torch.full_like(sel.mode, int(DecodeMode.DENSE)), sel.mode)
+    return sel
+
+
 def test_without_vllms_prefill_flag_an_empty_context_still_marks_a_prompt(tmp_path, fakes):
     builder, impls = make_backend(make_plan(DENSE, DENSE), tmp_path)
     step = Step(MIXED, flag_prefilling=False)

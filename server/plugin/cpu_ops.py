@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headwise.kernels.index import SparseIndex
+from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
 from headwise.server import env
 
 CACHE_ISA = "vec"  # the portable code path; its page layout is the one torch reads through strided views
@@ -305,6 +305,75 @@ def plan_prefill(index: SparseIndex, block_row: torch.Tensor, page: int, num_kv_
         calls.append(OpCall(None if whole else heads, kv, table, lens, qsl, meta))
         kept += _causal_pairs(qsl[1:] - qsl[:-1], lens) * len(heads)
     return OpSchedule(calls, kept, causal_per_head * h)
+
+
+# --------------------------------------------------------------------------- decode rows
+OP_DECODE_MODES = (int(DecodeMode.DENSE), int(DecodeMode.WINDOW))  # selections the op runs
+
+
+def page_round_windows(sel: DecodeSelection, seq_lens: torch.Tensor, page: int) -> DecodeSelection:
+    """The selection vLLM's op computes for ``sel``: each WINDOW row's sink and window widened to
+    whole ``page``-token pages (a superset; the window still ends at the current token). Dense rows
+    are unchanged. ``seq_lens [B]`` include the current token."""
+    length = seq_lens.to(sel.window.device).long().view(-1, 1)
+    sink = torch.minimum(-(-sel.sink.long() // page) * page, length)
+    first = torch.clamp(length - sel.window.long(), min=0) // page * page  # first kept page's first token
+    window = length - first
+    win = sel.mode == int(DecodeMode.WINDOW)
+    return DecodeSelection(sel.mode, torch.where(win, sink, sel.sink.long()).to(torch.int32),
+                           torch.where(win, window, sel.window.long()).to(torch.int32), sel.indices, sel.count,
+                           sel.block_size)
+
+
+def plan_decode(sel: DecodeSelection, seq_lens: torch.Tensor, block_table: torch.Tensor, page: int,
+                num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                isa: str = CACHE_ISA) -> OpSchedule:
+    """Op calls for decode rows whose selection is dense or sink + window (``OP_DECODE_MODES``):
+    each (row, head) reads the cache pages holding its sink and its window (``page_round_windows``;
+    the row's own page last), and heads that read the same pages in every row share a call.
+    ``sel``: ``[B, H]`` over query heads or ``[B, Hkv]`` shared per GQA group; seq_lens ``[B]``."""
+    sel = page_round_windows(sel.to("cpu"), seq_lens, page)
+    b = seq_lens.shape[0]
+    lens = seq_lens.cpu().long()
+    group = num_heads // num_kv_heads
+    per_kv = sel.num_heads == num_kv_heads and num_heads != num_kv_heads
+    n_pages = -(-lens // page)  # [B] pages holding the sequence, the current token in the last
+    dense = sel.mode == int(DecodeMode.DENSE)
+    sink_pages = torch.where(dense, n_pages[:, None], -(-sel.sink.long() // page))  # [B, Hs] leading pages
+    first_window = torch.where(dense, n_pages[:, None], (lens[:, None] - sel.window.long()) // page)
+    # a head's pages per row: [0, sink_pages) and [first_window, n_pages); heads agreeing in every row share a call
+    keys = torch.stack([torch.minimum(sink_pages, first_window), first_window], -1)  # [B, Hs, 2]
+    sets: list[list[int]] = []
+    for g in range(num_kv_heads):
+        reps: list[list[int]] = []
+        for hh in range(g * group, (g + 1) * group):
+            col = keys[:, hh // group if per_kv else hh]
+            same = next((r for r in reps if torch.equal(keys[:, r[0] // group if per_kv else r[0]], col)), None)
+            (same.append(hh) if same is not None else reps.append([hh]))
+        sets.extend(reps)
+    first_key = keys[:, 0]
+    whole = len(sets) == num_kv_heads and all(
+        torch.equal(keys[:, s[0] // group if per_kv else s[0]], first_key) for s in sets)
+    width = int(n_pages.max()) if b else 1
+    pos = torch.arange(width)
+    calls, kept = [], 0
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    for heads in ([list(range(num_heads))] if whole else sets):
+        k = keys[:, heads[0] // group if per_kv else heads[0]]  # [B, 2]: sink pages, first window page
+        keep = (pos[None, :] < k[:, :1]) | ((pos[None, :] >= k[:, 1:]) & (pos[None, :] < n_pages[:, None]))
+        count = keep.sum(1)
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        w = max(1, int(count.max()) if b else 1)
+        row_pages = order[:, :w]
+        live = torch.arange(w)[None, :] < count[:, None]
+        table = torch.where(live, torch.gather(block_table.cpu().long(), 1, row_pages), 0).to(torch.int32)
+        vlens = (count * page - (n_pages * page - lens)).to(torch.int32)  # trimmed at the current token
+        meta = _metadata(vlens, qsl, len(heads), num_kv_heads if whole else 1, head_dim, dtype, split_kv=True,
+                         isa=isa)
+        calls.append(OpCall(None if whole else heads, None if whole else heads[0] // group, table, vlens, qsl,
+                            meta))
+        kept += int(vlens.long().sum()) * len(heads)
+    return OpSchedule(calls, kept, int(lens.sum()) * num_heads)
 
 
 # ------------------------------------------------------------------------------ the run

@@ -113,8 +113,11 @@ class HeadwiseRuntime:
             if width and (self.tidal is None or self.tidal.max_batch < b or self.tidal.positions.device != q.device):
                 self.tidal = TidalState(b, self.num_heads, width, device=q.device)
             # total length = current length + planned generation, as the vLLM backend computes it
-            selection = runner.decode_selection(self.binding.for_layer(layer), st, q, k_cache, block_table, seq_lens,
+            lb = self.binding.for_layer(layer)
+            selection = runner.decode_selection(lb, st, q, k_cache, block_table, seq_lens,
                                                 seq_lens + st.planned_generation, scale, self.tidal)
+            if self.pages and lb.decode_on_op:  # the engine's op reads whole pages: the same superset
+                selection = cpu_ops.page_round_windows(selection, seq_lens, self.pages)
         self.causal["decode"] += float(seq_lens.sum()) * self.num_heads
         if self.binding is None:
             self.kept["decode"] += float(seq_lens.sum()) * self.num_heads

@@ -224,6 +224,24 @@ class HeadwiseImpl(AttentionImpl):
             with phase(lb.layer, "kernel"):
                 output[md.decode_tokens] = native(q, self._page_views(kv_cache), md.decode_dense_op, self.scale)
             return
+        if op_ok and lb.decode_on_op and md.batched is None:
+            # sink + window heads on vLLM's op over the pages they keep: planned once per step for the
+            # layers that share these decode specs (the selection depends on lengths only)
+            key = ("decode_op", lb.decode_group)
+            schedule = md.step_cache.get(key)
+            if schedule is None:
+                with phase(lb.layer, "select"):
+                    sel = runner.decode_selection(lb, self.binding.settings, q, None, md.decode_block_table,
+                                                  md.decode_seq_lens, md.decode_total_lens, self.scale)
+                    schedule = md.step_cache[key] = cpu_ops.plan_decode(
+                        sel, md.decode_seq_lens, md.decode_block_table, kv_cache.shape[2], len(lb.heads),
+                        self.num_kv_heads, self.head_size, kv_cache.dtype, self._cache_isa(kv_cache))
+            with phase(lb.layer, "kernel"):
+                output[md.decode_tokens] = native(q, self._page_views(kv_cache), schedule, self.scale)
+            rec = get_recorder()
+            if rec is not None:
+                rec.add_keys(lb.layer, DECODE, schedule.kept_pairs, schedule.causal_pairs)
+            return
         summaries = self._summaries[1] if self._summaries is not None and self._summaries[0] is kv_cache else None
         with phase(lb.layer, "select"):
             sel = runner.decode_selection(lb, self.binding.settings, q, k_cache, md.decode_block_table,

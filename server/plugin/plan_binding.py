@@ -127,6 +127,7 @@ class LayerBinding:
     # layers with equal ``prefill_signature`` share this small id (the step plan's key: hashing the
     # specs themselves on every lookup cost ~0.3 ms per step for a 30-layer per-head plan)
     prefill_group: int | None = None
+    decode_group: int = 0  # layers with equal decode specs share this id (a step plans their op calls once)
 
     @cached_property
     def _on_device(self) -> dict:
@@ -205,6 +206,12 @@ class LayerBinding:
         return tuple(runs)
 
     @cached_property
+    def decode_on_op(self) -> bool:
+        """Every head decodes densely or with a sink + window: vLLM's CPU op runs the layer's decode
+        rows over the pages those keep (``cpu_ops.plan_decode``), no torch kernel reads the cache."""
+        return all(s.type in OP_DECODE for s in self.decode_specs)
+
+    @cached_property
     def quest_pages(self) -> tuple[int, ...]:
         """Page sizes of the heads that decode with Quest (``page_topk``): their cache keeps summaries."""
         return tuple(s.page_size for s in self.decode_specs if s.type == "page_topk")
@@ -232,6 +239,7 @@ class PlanBinding:
         self.local_kv_heads = max(1, m.num_kv_heads // tp_size)
         self._layers: dict[int, LayerBinding] = {}
         self._groups: dict[tuple, int] = {}  # prefill signature -> group id
+        self._decode_groups: dict[tuple, int] = {}  # decode specs -> group id
 
     @property
     def settings(self):
@@ -255,8 +263,9 @@ class PlanBinding:
     def torch_reads_pages(self) -> bool:
         """Some layer decodes with a token-level selection, which the torch decode kernel reads from
         the cache pages in place (through ``kv_cache.split_kv``'s strided views): the CPU cache must
-        then keep the ``vec`` layout (``cpu_ops.cache_isa``). Dense decode runs on vLLM's op."""
-        return not all(self.for_layer(i).decode_dense for i in range(self.num_layers))
+        then keep the ``vec`` layout (``cpu_ops.cache_isa``). Dense and sink + window decode run on
+        vLLM's op."""
+        return not all(self.for_layer(i).decode_on_op for i in range(self.num_layers))
 
     @property
     def decode_capturable(self) -> bool:
@@ -283,15 +292,17 @@ class PlanBinding:
             heads = self.heads
             group = self.local_heads // self.local_kv_heads
             prefill = [self.plan.prefill(layer, h) for h in heads]
+            decode = [self.plan.decode(layer, h) for h in heads]
             sig = tuple(prefill) if all(is_static(s) for s in prefill) else None
             lb = LayerBinding(
                 layer=layer, heads=heads,
                 kv_heads=torch.arange(self.local_heads, dtype=torch.long) // group,
                 num_layer_heads=self.num_heads, num_layer_kv_heads=self.num_kv_heads,
                 prefill_specs=prefill,
-                decode_specs=[self.plan.decode(layer, h) for h in heads],
+                decode_specs=decode,
                 num_local_kv_heads=self.local_kv_heads,
                 prefill_group=None if sig is None else self._groups.setdefault(sig, len(self._groups)),
+                decode_group=self._decode_groups.setdefault(tuple(decode), len(self._decode_groups)),
             )
             self._layers[layer] = lb
         return lb
@@ -301,7 +312,8 @@ class PlanBinding:
 # persistent buffers (tests/test_plugin_cuda_routing.py). The selecting patterns build per-group head
 # indices with host-to-device copies and are not yet declared (not verified on a GPU).
 CAPTURABLE_DECODE = frozenset({"dense"})
-COARSE_PREFILL = frozenset({"dense", "a_shape"})  # prefill types that tolerate vLLM's whole blocks as pages
+COARSE_PREFILL = frozenset({"dense", "a_shape"})
+OP_DECODE = frozenset({"dense", "window", "elastic_window"})  # decode patterns vLLM's CPU op runs (sink + window)  # prefill types that tolerate vLLM's whole blocks as pages
 VLLM_CPU_BLOCK = 128  # vLLM's default KV block size on CPU
 FINE_PAGE = 32  # the kernel page of plans that estimate or select tokens
 
