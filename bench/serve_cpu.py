@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PLAN_DIR = ROOT / "configs" / "smollm2-135m-instruct"
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_PLANS = [str(PLAN_DIR / "sparse.json"), str(PLAN_DIR / "dense.json")]
+DEFAULT_PLANS = [str(PLAN_DIR / "profiled.json"), str(PLAN_DIR / "dense.json")]  # the default plan first
 LONG_LENGTHS = [16384, 32768]
 LONG_ARGS = ["--max-model-len", "40960", "--hf-overrides", json.dumps({
     "rope_scaling": {"rope_type": "yarn", "factor": 5.0, "original_max_position_embeddings": 8192},

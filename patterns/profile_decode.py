@@ -284,9 +284,11 @@ class DecodeCosts:
     op:        ``[N]`` every head dense on the server's dense path (vLLM's op on CPU, in the cache
                layout a plan whose decode is all dense keeps).
     op_shared: ``[N]`` the same, in the layout the cache keeps once any layer decodes through the
-               torch kernel (CPU: ``vec`` instead of stock's AMX pages); equal to ``op`` elsewhere.
-    kernel:    ``[C, N]`` every head on candidate ``c`` through the sparse decode kernel (dense
-               included: a layer that mixes dense and selecting heads runs them all there).
+               torch kernel (CPU: ``vec`` instead of stock's AMX pages); equal to ``op`` where the
+               candidates run where dense does (sink + window heads on vLLM's CPU op).
+    kernel:    ``[C, N]`` every head on candidate ``c`` the way the server runs a layer that has a
+               selecting head (on CPU, vLLM's op over the pages each head keeps; elsewhere the sparse
+               decode kernel, dense heads included).
     """
 
     op: np.ndarray

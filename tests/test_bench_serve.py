@@ -23,13 +23,13 @@ def test_quick_serve_benchmark_writes_ratios_for_every_measure(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert [r["label"] for r in data["runs"]] == ["stock", "sparse"]  # full runs add "stock-last"
+    assert [r["label"] for r in data["runs"]] == ["stock", "profiled"]  # full runs add "stock-last"
     for run in data["runs"]:
         for row in run["rows"]:
             assert row["ttft_s"] > 0 and row["itl_s"] > 0 and row["e2e_s"] >= row["ttft_s"]
             assert all(r["completion_tokens"] == data["config"]["tokens"] for r in row["sequential"] + row["concurrent"])
             assert abs(row["prompt_tokens"] - row["length"]) < 0.2 * row["length"] + 40  # chat template + nonce
-    ratios = data["ratios"]["sparse"]
+    ratios = data["ratios"]["profiled"]
     assert [r["length"] for r in ratios] == data["config"]["lengths"]
     assert all(set(r) == {"length", "ttft_s", "itl_s", "e2e_s", "concurrent_tok_s"} for r in ratios)
     assert out.with_suffix(".png").stat().st_size > 0
@@ -45,4 +45,23 @@ def test_quick_serve_benchmark_writes_ratios_for_every_measure(tmp_path):
                        for layer in prof["layers"])
             assert (prof["prefill_density"] is None) == (backend == "stock")
     table = out.with_name(out.stem + "-profile.md").read_text()
-    assert "| stock |" in table and "| sparse |" in table
+    assert "| stock |" in table and "| profiled |" in table
+
+
+def test_quick_paired_benchmark_alternates_stock_and_headwise(tmp_path):
+    """``bench/serve_paired.py --quick``: both servers up at once, requests alternated (ABBA), every
+    round's figures and the per-measure summary written."""
+    out = tmp_path / "paired.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_paired.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["lengths"]
+    assert len(row["pairs"]) == data["config"]["rounds"] == 2
+    for pair in row["pairs"]:
+        for side in ("stock", "headwise"):
+            r = pair[side]
+            assert r["ttft_s"] > 0 and r["itl_s"] > 0 and r["completion_tokens"] == data["config"]["tokens"]
+    for m in ("ttft_s", "itl_s", "e2e_s"):
+        s = row["summary"][m]
+        assert s["rounds"] == 2 and s["ratio_median"] > 0 and 0 <= s["headwise_not_slower"] <= 1

@@ -118,10 +118,12 @@ def measure_decode_costs(candidates: Sequence, num_heads: int, num_kv_heads: int
 
     * CPU with vLLM's op: a layer whose heads all decode densely is one op call (``plan_batch``'s
       schedule, made once per step by the builder and shared by the layers, so not timed) over a
-      cache in the layout such a plan keeps (stock's, 128-token blocks): ``op``; the same call over
-      the ``vec`` cache of 32-token pages that a plan keeps once any layer decodes through torch:
-      ``op_shared``; every other layer builds its ``DecodeSelection`` and runs the torch kernel
-      (``kernels.sparse_decode``) over that cache: ``kernel`` per candidate, every head on it.
+      cache in the layout such a plan keeps (stock's, 128-token blocks): ``op``. Sink + window heads
+      run on the op too (``cpu_ops.plan_decode``: the pages each head's sink and window touch, no
+      torch reader, so no layout change: ``op_shared`` = ``op``): ``kernel`` per candidate is that
+      call with every head on the candidate, its selection and schedule included (a per-head plan's
+      layers seldom share decode specs, so the server plans them per layer); a dense head beside
+      window heads reads every page in the same call, so the dense row is ``op``.
     * elsewhere (CUDA, or a CPU without the op): every decode row runs ``kernels.sparse_decode``,
       dense included, so ``op`` and ``op_shared`` are its dense time.
 
@@ -136,9 +138,10 @@ def measure_decode_costs(candidates: Sequence, num_heads: int, num_kv_heads: int
     from headwise.patterns.profile_decode import DecodeCosts
     from headwise.server.plugin import cpu_ops
     from headwise.server.plugin.kv_cache import split_kv, write_kv
-    from headwise.server.plugin.plan_binding import FINE_PAGE, VLLM_CPU_BLOCK
+    from headwise.server.plugin.plan_binding import FINE_PAGE, OP_DECODE, VLLM_CPU_BLOCK
 
-    use_op = device == "cpu" and cpu_ops.available(dtype, head_dim)
+    use_op = (device == "cpu" and cpu_ops.available(dtype, head_dim)
+              and all(c.type in OP_DECODE for c in candidates))
     gen = torch.Generator().manual_seed(0)
     scale = head_dim ** -0.5
     kv_heads = torch.arange(num_heads) // (num_heads // num_kv_heads)
@@ -164,18 +167,33 @@ def measure_decode_costs(candidates: Sequence, num_heads: int, num_kv_heads: int
             write_kv(k, v, kv, slots.flatten(), isa)
             return kv, table
 
+        if use_op:
+            stock = cpu_ops.cache_isa(dtype, VLLM_CPU_BLOCK, head_dim, False)
+            kv_op, table_op = cache(VLLM_CPU_BLOCK, stock)
+            views = cpu_ops.page_views(kv_op)
+            sched = cpu_ops.plan_batch(torch.arange(batch + 1), seq_lens, table_op, num_heads, num_kv_heads,
+                                       head_dim, dtype, stock)
+            op[li] = op_shared[li] = _best(lambda: cpu_ops.run(q, views, sched, scale), repeats)
+            for ci, spec in enumerate(candidates):
+                if spec.type == "dense":
+                    kernel[ci, li] = op[li]
+                    continue
+
+                def op_step() -> None:
+                    sel = build_layer_decode_selection([spec] * num_heads, list(range(num_heads)), num_heads, q,
+                                                       None, table_op, seq_lens, kv_heads=kv_heads, scale=scale,
+                                                       num_layer_kv_heads=num_kv_heads)
+                    plan = cpu_ops.plan_decode(sel, seq_lens, table_op, VLLM_CPU_BLOCK, num_heads, num_kv_heads,
+                                               head_dim, dtype, stock)
+                    cpu_ops.run(q, views, plan, scale)
+
+                kernel[ci, li] = _best(op_step, repeats)
+            if log is not None:
+                log(f"decode cost at {n} tokens, one layer on vLLM's op: dense {op[li] * 1e3:.3f} ms; "
+                    + ", ".join(f"{_label(c)} {t * 1e3:.3f} ms" for c, t in zip(candidates, kernel[:, li])))
+            continue
         kv, table = cache(FINE_PAGE, cpu_ops.CACHE_ISA)  # the layout the torch kernel reads
         k_cache, v_cache = split_kv(kv)
-        if use_op:
-            def op_time(kv_op: torch.Tensor, table_op: torch.Tensor, isa: str) -> float:
-                sched = cpu_ops.plan_batch(torch.arange(batch + 1), seq_lens, table_op, num_heads, num_kv_heads,
-                                           head_dim, dtype, isa)
-                views = cpu_ops.page_views(kv_op)
-                return _best(lambda: cpu_ops.run(q, views, sched, scale), repeats)
-
-            stock = cpu_ops.cache_isa(dtype, VLLM_CPU_BLOCK, head_dim, False)
-            op[li] = op_time(*cache(VLLM_CPU_BLOCK, stock), stock)
-            op_shared[li] = op_time(kv, table, cpu_ops.CACHE_ISA)
         for ci, spec in enumerate(candidates):
             def step() -> None:
                 if spec.type == "dense":  # a dense head beside selecting ones: every token, on the kernel
@@ -188,14 +206,11 @@ def measure_decode_costs(candidates: Sequence, num_heads: int, num_kv_heads: int
                 sync()
 
             kernel[ci, li] = _best(step, repeats)
-        if not use_op:
-            dense = [ci for ci, c in enumerate(candidates) if c.type == "dense"]
-            op[li] = op_shared[li] = kernel[dense[0], li] if dense else 1.0
+        dense = [ci for ci, c in enumerate(candidates) if c.type == "dense"]
+        op[li] = op_shared[li] = kernel[dense[0], li] if dense else 1.0
         if log is not None:
-            log(f"decode cost at {n} tokens, one layer: dense {op[li] * 1e3:.3f} ms "
-                f"({'vLLM op' if use_op else 'sparse kernel'}; {op_shared[li] * 1e3:.3f} ms in the kernel-readable "
-                f"layout); on the kernel: " + ", ".join(f"{_label(c)} {t * 1e3:.3f} ms"
-                                                         for c, t in zip(candidates, kernel[:, li])))
+            log(f"decode cost at {n} tokens, one layer on the sparse decode kernel: "
+                + ", ".join(f"{_label(c)} {t * 1e3:.3f} ms" for c, t in zip(candidates, kernel[:, li])))
     return DecodeCosts(op, op_shared, kernel)
 
 

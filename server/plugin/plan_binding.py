@@ -312,8 +312,8 @@ class PlanBinding:
 # persistent buffers (tests/test_plugin_cuda_routing.py). The selecting patterns build per-group head
 # indices with host-to-device copies and are not yet declared (not verified on a GPU).
 CAPTURABLE_DECODE = frozenset({"dense"})
-COARSE_PREFILL = frozenset({"dense", "a_shape"})
-OP_DECODE = frozenset({"dense", "window", "elastic_window"})  # decode patterns vLLM's CPU op runs (sink + window)  # prefill types that tolerate vLLM's whole blocks as pages
+COARSE_PREFILL = frozenset({"dense", "a_shape"})  # prefill types that tolerate vLLM's whole blocks as pages
+OP_DECODE = frozenset({"dense", "window", "elastic_window"})  # decode patterns vLLM's CPU op runs (sink + window)
 VLLM_CPU_BLOCK = 128  # vLLM's default KV block size on CPU
 FINE_PAGE = 32  # the kernel page of plans that estimate or select tokens
 
