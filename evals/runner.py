@@ -38,7 +38,8 @@ def run_cases(target, cases: list[dict], concurrency: int, label: str, on_row=No
     def one(c: dict) -> dict:
         d = c.pop("draft")
         t0 = time.monotonic()
-        row = {**c, "expected": list(d.expected), "distractors": list(d.distractors), "kind": d.kind}
+        row = {**c, "expected": list(d.expected), "distractors": list(d.distractors), "kind": d.kind,
+               "depths": [round(x, 4) for x in d.depths]}  # where the asked-for answers sit, 0 = start
         try:
             reply, used = target.generate(messages_of(d), c["max_tokens"])
             row.update(reply=reply, usage_prompt_tokens=used, score=score(reply, d.expected, d.distractors, d.kind))

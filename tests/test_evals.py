@@ -91,5 +91,6 @@ def test_headwise_eval_against_the_live_server_writes_every_case(api_server, tmp
         assert case["task"] in tasks and case["seed"] == EVAL_SEEDS[0] and case["reply"], case
         assert abs(case["usage_prompt_tokens"] - case["prompt_tokens"]) <= 0.01 * case["prompt_tokens"] + 8, case
         assert 0.0 <= case["score"] <= 1.0
+        assert all(0.0 <= d <= 1.0 for d in case["depths"]) and (case["task"] != "niah_single" or case["depths"])
     assert "niah_single" in (tmp_path / "tiny.md").read_text()
     assert (tmp_path / "tiny.png").stat().st_size > 5_000
