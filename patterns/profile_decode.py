@@ -408,7 +408,6 @@ def choose_decode(score: np.ndarray, costs: DecodeCosts, budget: float | Sequenc
     n_opt = n_cand + 1
     n_x = n_layers * n_heads * n_opt
     n_var = n_x + n_layers + 1
-    zcol = lambda layer: n_x + layer  # noqa: E731
     gcol = n_x + n_layers
     opt_score = np.concatenate([score, score[:, :, dense_index:dense_index + 1]], 2)  # [L, H, C+1, N]
     opt_cost = np.concatenate([per_head, per_head[dense_index:dense_index + 1]], 0)  # [C+1, N]

@@ -8,10 +8,10 @@ import random
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from headwise.kernels import estimate
 from headwise.kernels.decode_select import PageSummaries, gather_page_bounds, update_page_summaries
+from host_sync import NoHostSync
 
 BS, HKV, D = 16, 2, 4
 
@@ -70,19 +70,6 @@ def test_incremental_equals_recompute_after_reuse_and_prefix_hits(seed, page):
     for r, n in enumerate(lens.tolist()):
         p = -(-n // page)
         assert torch.equal(got_lo[r, :p], want_lo[r, :p]) and torch.equal(got_hi[r, :p], want_hi[r, :p])
-
-
-class NoHostSync(TorchFunctionMode):
-    """Raises on every way a device value reaches the host."""
-
-    BANNED = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.__bool__,
-              torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy,
-              torch.unique, torch.Tensor.unique, torch.equal}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.BANNED:
-            raise AssertionError(f"host sync: {getattr(func, '__name__', func)}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_builders_do_not_sync_on_the_cuda_path(monkeypatch):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from headwise import kernels
 from headwise.kernels import estimate
@@ -26,7 +25,8 @@ from headwise.server.plugin.kv_cache import split_kv
 from headwise.server.plugin.metadata import HeadwiseMetadataBuilder
 from headwise.server.plugin.plan_binding import PlanBinding
 from vllm.v1.attention.backend import AttentionCGSupport
-from plugin_batches import BS, D, HKV, HQ, SCALE, Req, Step, make_backend, make_plan, run_layer
+from host_sync import NoHostSync
+from plugin_batches import HKV, HQ, Req, Step, make_backend, make_plan, run_layer
 from plugin_batches import fresh_recorder  # noqa: F401  (autouse)
 
 DENSE = {"type": "dense"}
@@ -218,19 +218,6 @@ def test_without_flash_attention_dense_rows_join_the_sparse_launch(tmp_path, gpu
     for i in range(len(STEP)):
         want = step.causal(i) if i < 3 else _prefill_mask(plan, 0, STEP[i])
         torch.testing.assert_close(out[step.rows(i)], step.reference(query, i, want), atol=ATOL, rtol=0)
-
-
-class NoHostSync(TorchFunctionMode):
-    """Raises on every way a tensor's value reaches the host (each is a device sync on CUDA)."""
-
-    BANNED = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.__bool__,
-              torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy,
-              torch.unique, torch.Tensor.unique, torch.equal}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.BANNED:
-            raise AssertionError(f"host sync: {getattr(func, '__name__', func)}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("prefill,decode", [

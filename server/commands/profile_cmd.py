@@ -251,20 +251,25 @@ def measure(cfg: ProfileConfig) -> Measurements:
                         cfg.device if costs is not None else None, decode_scores, decode_costs)
 
 
+def _provenance(path: Path) -> dict:
+    """The ``provenance`` of the plan file ``--costs-from`` names (empty when it records none)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text()).get("provenance") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"--costs-from {path}: cannot read a plan: {exc}") from exc
+
+
 def costs_from_plan(path: Path, candidates: list, lengths: list[int]):
     """``[C, N]`` seconds per candidate and length, read from a plan's ``provenance.candidate_seconds``
     (what ``headwise profile`` measured when it made that plan): re-solving with another plan's
     timings reproduces its choice without timing again, and makes the choice repeatable."""
-    import json
-
     import numpy as np
 
     from headwise.patterns.profile import describe
 
-    try:
-        prov = json.loads(Path(path).read_text()).get("provenance") or {}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--costs-from {path}: cannot read a plan: {exc}") from exc
+    prov = _provenance(path)
     seconds, at = prov.get("candidate_seconds"), prov.get("lengths")
     if not seconds or at is None:
         raise ValueError(f"--costs-from {path}: its provenance has no candidate_seconds (a plan made by "
@@ -286,14 +291,9 @@ def decode_costs_from_plan(path: Path, candidates: list, lengths: list[int], req
     """``DecodeCosts`` read from a plan's ``provenance.decode_seconds`` (what ``headwise profile``
     timed for the decode candidates when it made that plan), or None when the plan has none and
     they are not ``required`` (a decode rule needs no timing)."""
-    import json
-
     from headwise.patterns.profile_decode import DecodeCosts
 
-    try:
-        prov = json.loads(Path(path).read_text()).get("provenance") or {}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--costs-from {path}: cannot read a plan: {exc}") from exc
+    prov = _provenance(path)
     seconds, at = prov.get("decode_seconds"), prov.get("lengths")
     if not seconds or at is None:
         if not required:
