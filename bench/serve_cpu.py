@@ -373,7 +373,8 @@ def main() -> int:
     for label, rows in result["ratios"].items():
         for r in rows:
             print(f"{label:>12} {r['length']:>7} " + " ".join(f"{r.get(m, float('nan')):>16.2f}x" for m in MEASURES))
-    log(f"# wrote {out} and {out.with_suffix('.png')}")
+    png = out.with_suffix(".png")
+    log(f"# wrote {out}" + (f" and {png}" if png.exists() else " (no stock run: no ratio plot)"))
     return 0
 
 
