@@ -212,8 +212,34 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
     return LayerScore(mass, density, sample, quality, values)
 
 
+class ScoreTotals:
+    """Per-prompt scores summed (``mass_sum``, ``quality_sum``: ``[layers, heads, candidates,
+    lengths]``) with the prompts each layer saw at each length (``count``); means on demand."""
+
+    mass_sum: np.ndarray
+    quality_sum: np.ndarray | None
+    count: np.ndarray
+    lengths: list[int]
+
+    def _mean(self, total: np.ndarray) -> np.ndarray:
+        if (self.count == 0).any():
+            layer, li = np.argwhere(self.count == 0)[0]
+            raise ValueError(f"{type(self).__name__}: layer {layer} has no prompt of length {self.lengths[li]} scored")
+        return total / self.count[:, None, None, :]
+
+    def mass(self) -> np.ndarray:
+        """``[layers, heads, candidates, lengths]`` mean kept mass."""
+        return self._mean(self.mass_sum)
+
+    def quality(self) -> np.ndarray:
+        """``[layers, heads, candidates, lengths]`` mean output quality (``output_quality``)."""
+        if self.quality_sum is None:
+            raise ValueError(f"{type(self).__name__}: no output quality was measured (the capture handed no values)")
+        return self._mean(self.quality_sum)
+
+
 @dataclass
-class ProfileScores:
+class ProfileScores(ScoreTotals):
     """Running sums over prompts of kept mass and density per (layer, head, candidate, length)."""
 
     num_layers: int
@@ -241,25 +267,9 @@ class ProfileScores:
             self.quality_sum[layer, :, :, length_index] += score.quality
         self.count[layer, length_index] += 1
 
-    def _mean(self, total: np.ndarray) -> np.ndarray:
-        if (self.count == 0).any():
-            layer, li = np.argwhere(self.count == 0)[0]
-            raise ValueError(f"ProfileScores: layer {layer} has no prompt of length {self.lengths[li]} scored")
-        return total / self.count[:, None, None, :]
-
-    def mass(self) -> np.ndarray:
-        """``[layers, heads, candidates, lengths]`` mean kept mass."""
-        return self._mean(self.mass_sum)
-
     def density(self) -> np.ndarray:
         """``[layers, heads, candidates, lengths]`` mean density."""
         return self._mean(self.density_sum)
-
-    def quality(self) -> np.ndarray:
-        """``[layers, heads, candidates, lengths]`` mean output quality (``output_quality``)."""
-        if self.quality_sum is None:
-            raise ValueError("ProfileScores: no output quality was measured (the capture handed no values)")
-        return self._mean(self.quality_sum)
 
 
 # ---------------------------------------------------------------------------- MILP

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import PatternModel
-from .profile import RowSample
+from .profile import RowSample, ScoreTotals
 
 DECODE_MODES = ("auto", "tidal", "matched", "dense")  # the rules of ``decode_for``
 DECODE_CHOICES = ("optimize", *DECODE_MODES)  # --decode: the optimised choice, or a rule
@@ -225,7 +225,7 @@ def decode_output_quality(spec: PatternModel, sample: RowSample, rows: torch.Ten
 
 
 @dataclass
-class DecodeScores:
+class DecodeScores(ScoreTotals):
     """Running sums over prompts of each decode candidate's kept mass (and output quality) on the
     answer rows, per (layer, head, candidate, length): ``ProfileScores`` for the decode side."""
 
@@ -260,21 +260,6 @@ class DecodeScores:
                     decode_output_quality(spec, sample, rows, values).double().cpu().numpy()
         self.count[layer, length_index] += 1
 
-    def _mean(self, total: np.ndarray) -> np.ndarray:
-        if (self.count == 0).any():
-            layer, li = np.argwhere(self.count == 0)[0]
-            raise ValueError(f"DecodeScores: layer {layer} has no prompt of length {self.lengths[li]} scored")
-        return total / self.count[:, None, None, :]
-
-    def mass(self) -> np.ndarray:
-        """``[layers, heads, candidates, lengths]`` mean kept mass of the answer rows."""
-        return self._mean(self.mass_sum)
-
-    def quality(self) -> np.ndarray:
-        """``[layers, heads, candidates, lengths]`` mean output quality of the answer rows."""
-        if self.quality_sum is None:
-            raise ValueError("DecodeScores: no output quality was measured (the capture handed no values)")
-        return self._mean(self.quality_sum)
 
 
 @dataclass
