@@ -23,7 +23,8 @@ import torch
 
 from .dispatch import triton_estimate
 
-_TILE_ELEMS = 1 << 23  # fp32 key elements gathered per tile (32 MB)
+_TILE_ELEMS = 1 << 20  # key elements gathered per tile: small enough that its fp32 copy stays in cache
+_MERGE_SPAN = 1 << 13  # cached positions scored before each running top-k merge
 
 
 def _group(kv_heads: torch.Tensor, hkv: int) -> int | None:
@@ -37,7 +38,7 @@ def _group(kv_heads: torch.Tensor, hkv: int) -> int | None:
 
 
 def _scores(q: torch.Tensor, keys: torch.Tensor, kv_heads: torch.Tensor, group: int | None) -> torch.Tensor:
-    """q ``[B, H, D]`` fp32, keys ``[B, Hkv, T, D]`` fp32 -> ``[B, H, T]``."""
+    """q ``[B, H, D]``, keys ``[B, Hkv, T, D]`` (same dtype) -> ``[B, H, T]``."""
     b, h, d = q.shape
     if group is not None:
         return torch.matmul(q.view(b, -1, group, d), keys.transpose(-1, -2)).view(b, h, -1)
@@ -50,6 +51,17 @@ def _merge(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, tile_idx: 
     idx = torch.cat([idx, tile_idx.expand(*tile.shape[:-1], -1)], -1)
     vals, top = torch.topk(vals, min(k, vals.shape[-1]), dim=-1)
     return vals, torch.gather(idx, -1, top)
+
+
+def _gather_heads(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, nb, bs, D]``: the pages ``blocks [B, nb]`` of every KV head, gathered in one copy
+    already in head-major order (what a per-head matmul wants), never a copy of the whole cache."""
+    nblk, hkv, bsz, d = k_cache.shape
+    heads = torch.arange(hkv, device=k_cache.device).view(1, hkv, 1)
+    rows = blocks.long()[:, None, :]
+    if k_cache.stride(0) == hkv * k_cache.stride(1):  # (block, head) rows merge into one index: a row copy
+        return k_cache.flatten(0, 1).index_select(0, (rows * hkv + heads).flatten()).view(*rows.shape[:1], hkv, -1, bsz, d)
+    return k_cache[rows, heads]
 
 
 def _sorted_kept(vals: torch.Tensor, idx: torch.Tensor):
@@ -88,17 +100,22 @@ def decode_topk(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
         return _sorted_kept(vals, idx)
     bsz, hkv = k_cache.shape[2], k_cache.shape[1]
     group = _group(kv_heads, hkv)
-    qf = q.float() * sc
+    qs = q.float() * sc
     blocks_per_tile = max(1, _TILE_ELEMS // max(1, b * hkv * bsz * d))
+    tiles_per_merge = max(1, _MERGE_SPAN // (blocks_per_tile * bsz))
     vals = torch.full((b, h, 0), float("-inf"), device=dev)
     idx = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
     n_blocks = -(-max_len // bsz)
+    span: list[torch.Tensor] = []
     for j0 in range(0, n_blocks, blocks_per_tile):
         j1 = min(n_blocks, j0 + blocks_per_tile)
-        pages = k_cache[block_table[:, j0:j1].long()]  # [B, nb, Hkv, bs, D]
-        keys = pages.transpose(1, 2).reshape(b, hkv, (j1 - j0) * bsz, d).float()
-        pos = torch.arange(j0 * bsz, j1 * bsz, device=dev)
-        vals, idx = _merge(vals, idx, rules(_scores(qf, keys, kv_heads, group), pos), pos, w)
+        keys = _gather_heads(k_cache, block_table[:, j0:j1]).view(b, hkv, (j1 - j0) * bsz, d).float()
+        span.append(_scores(qs, keys, kv_heads, group))
+        if len(span) == tiles_per_merge or j1 == n_blocks:  # merge a few tiles at once: fewer top-k passes
+            p0 = (j0 - (len(span) - 1) * blocks_per_tile) * bsz
+            pos = torch.arange(p0, j1 * bsz, device=dev)
+            vals, idx = _merge(vals, idx, rules(torch.cat(span, -1).float(), pos), pos, w)
+            span = []
     return _sorted_kept(vals, idx)
 
 

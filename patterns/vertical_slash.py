@@ -74,6 +74,7 @@ def select(p: VerticalSlash, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.T
 
 
 _CHUNK_ITEMS = 1 << 20  # (head, block, diagonal) triples per pass: bounds memory at long lengths
+_HOLD_BYTES = 64 << 20  # slices of the index kept from the sizing pass (the rest are rebuilt)
 
 
 def _blocks(cols, n_cols, offs, n_diag, bs, be, block_m: int):
@@ -104,16 +105,37 @@ def index_from_selection(cols, n_cols, offs, n_diag, q_len: int, q_offset: int, 
         cols, offs = cols[:, :v_w], offs[:, :d_w]
     h, nqb = cols.shape[0], bs.shape[0]
     per = max(1, _CHUNK_ITEMS // max(1, h * max(offs.shape[1], cols.shape[1])))
-    # each slice of query blocks is written straight into the index (widths: at most one range per
-    # diagonal, one column per kept column), so the pieces are never all held besides the result
-    rs = torch.zeros(h, nqb, offs.shape[1], dtype=torch.int32, device=dev)
-    re, rc = torch.zeros_like(rs), torch.zeros(h, nqb, dtype=torch.long, device=dev)
-    c_cols, cc = torch.zeros(h, nqb, cols.shape[1], dtype=torch.int32, device=dev), torch.zeros_like(rc)
-    for i in range(0, nqb, per):
-        j = min(nqb, i + per)
-        p_rs, p_re, rc[:, i:j], p_cols, cc[:, i:j] = _blocks(cols, n_cols, offs, n_diag, bs[i:j], be[i:j], block_m)
-        rs[:, i:j, : p_rs.shape[-1]], re[:, i:j, : p_re.shape[-1]] = p_rs, p_re
-        c_cols[:, i:j, : p_cols.shape[-1]] = p_cols
+    # A slice of query blocks at a time. Fixed: the index has the budget widths (at most one range
+    # per diagonal, one column per kept column) and each slice is written straight into it.
+    # Otherwise a first pass sizes the index to its widest row (merged bands are narrow) and keeps
+    # the first slices, cut to their own widths, up to _HOLD_BYTES; the writing pass rebuilds the
+    # rest, so the index is never held twice, nor at the budget widths.
+    rc = torch.zeros(h, nqb, dtype=torch.long, device=dev)
+    cc = torch.zeros_like(rc)
+    slices = [(i, min(nqb, i + per)) for i in range(0, nqb, per)]
+    kept: dict[int, tuple] = {}
+    if fixed:
+        r_w, c_w = offs.shape[1], cols.shape[1]
+    else:
+        held = 0
+        for i, j in slices:
+            p_rs, p_re, rc[:, i:j], p_cols, cc[:, i:j] = _blocks(cols, n_cols, offs, n_diag, bs[i:j], be[i:j], block_m)
+            w_r, w_c = max(1, int(rc[:, i:j].max().item())), max(1, int(cc[:, i:j].max().item()))
+            piece = (p_rs[..., :w_r].contiguous(), p_re[..., :w_r].contiguous(), p_cols[..., :w_c].contiguous())
+            n = sum(t.nbytes for t in piece)
+            if held + n <= _HOLD_BYTES:
+                kept[i], held = piece, held + n
+        r_w, c_w = max(1, int(rc.max().item())), max(1, int(cc.max().item()))
+    rs = torch.zeros(h, nqb, r_w, dtype=torch.int32, device=dev)
+    re, c_cols = torch.zeros_like(rs), torch.zeros(h, nqb, c_w, dtype=torch.int32, device=dev)
+    for i, j in slices:
+        if i in kept:
+            p_rs, p_re, p_cols = kept.pop(i)
+        else:
+            p_rs, p_re, rc[:, i:j], p_cols, cc[:, i:j] = _blocks(cols, n_cols, offs, n_diag, bs[i:j], be[i:j],
+                                                                 block_m)
+        rs[:, i:j, : p_rs.shape[-1]], re[:, i:j, : p_re.shape[-1]] = p_rs[..., :r_w], p_re[..., :r_w]
+        c_cols[:, i:j, : p_cols.shape[-1]] = p_cols[..., :c_w]
     return make_index(rs, re, rc, c_cols, cc, q_len, q_offset, block_m, fixed=fixed)
 
 

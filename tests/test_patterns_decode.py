@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from headwise.kernels import decode_select
 from headwise.kernels.index import DecodeMode
 from headwise.patterns.dense import Dense
 from headwise.patterns.decode import build_layer_decode_selection
@@ -158,3 +159,28 @@ def test_dense_below_makes_short_requests_dense():
     sel, _, _, _ = select([Window(sink=1, window=2)] * 4, [50, 500], dense_below=100)
     assert sel.mode[0].tolist() == [DecodeMode.DENSE] * 4
     assert sel.mode[1].tolist() == [DecodeMode.WINDOW] * 4
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["contiguous-cache", "kv-interleaved-view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_topk_equals_a_full_sort_of_the_scores(monkeypatch, interleaved, dtype):
+    """Many small tiles, merged a few at a time, pick what one sort of all scores picks, on a bf16
+    cache and on a cache view whose (block, head) rows do not merge (K of a ``[blocks, 2, ...]`` cache)."""
+    monkeypatch.setattr(decode_select, "_TILE_ELEMS", 2 * 4 * BLOCK * 8)  # two blocks per tile
+    monkeypatch.setattr(decode_select, "_MERGE_SPAN", 3 * 2 * BLOCK)  # merge every third tile
+    lens = [700, 333, 1]
+    keys, cache, table, seq_lens, q = paged_batch(lens, h=8, hkv=4, d=8, seed=5)
+    if interleaved:
+        kv = torch.zeros(cache.shape[0], 2, *cache.shape[1:])
+        kv[:, 0] = cache
+        cache = kv[:, 0]
+    cache, keys, q = cache.to(dtype), keys.to(dtype).float(), q.to(dtype)
+    kv_heads = torch.arange(8) // 2
+    top_k = 40
+    pos, count = decode_select.decode_topk(q, cache, table, seq_lens, kv_heads, top_k, scale=1.0)
+    for r, n in enumerate(lens):
+        for h in range(8):
+            scores = keys[r, :n, h // 2] @ q[r, h].float()
+            scores[n - 1] = float("inf")  # the current token is forced in
+            want = sorted(torch.topk(scores, min(top_k, n)).indices.tolist())
+            assert pos[r, h, : count[r, h]].tolist() == want

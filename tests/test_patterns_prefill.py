@@ -260,9 +260,12 @@ def test_vertical_slash_in_block_chunks_equals_one_pass(monkeypatch):
     inp = inputs(600, 70, 3, 1, seed=9)
     whole = vertical_slash.build_prefill(spec, inp)
     monkeypatch.setattr(vertical_slash, "_CHUNK_ITEMS", 50)  # one query block per pass
-    chunked = vertical_slash.build_prefill(spec, inp)
-    chunked.check()
-    assert torch.equal(chunked.to_dense_mask(), whole.to_dense_mask())
+    for hold in (1 << 30, 2000, 0):  # every slice kept from the sizing pass, the first few, none (all rebuilt)
+        monkeypatch.setattr(vertical_slash, "_HOLD_BYTES", hold)
+        chunked = vertical_slash.build_prefill(spec, inp)
+        chunked.check()
+        assert torch.equal(chunked.to_dense_mask(), whole.to_dense_mask()), hold
+        assert chunked.range_start.shape == whole.range_start.shape, "sized to the widest row either way"
 
 
 @FAST
