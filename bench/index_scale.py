@@ -76,13 +76,15 @@ class LiveBytes(TorchDispatchMode):
 
 
 _OWN_WARMUP_S = 5.0  # a call this long is timed once, without a separate warm-up call
+_MIN_TIMED_S = 0.5  # shorter calls are repeated until they add up to about this
 
 
 def measure(fn, repeats: int, inputs=(), memory: bool = True):
     """(seconds per call, peak extra bytes or None); ``inputs``: the tensors ``fn`` reads (not counted).
 
     A first call over ``_OWN_WARMUP_S`` is taken as the time when one repeat is asked for (its
-    warm-up share is negligible), which keeps the 1M batch-16 dense baseline to one call.
+    warm-up share is negligible), which keeps the 1M batch-16 dense baseline to one call; on CPU a
+    first call under ``_MIN_TIMED_S`` is repeated until the repeats add up to about that.
     """
     t0 = time.perf_counter()
     fn()  # warm-up
@@ -96,6 +98,8 @@ def measure(fn, repeats: int, inputs=(), memory: bool = True):
             fn()
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / repeats, torch.cuda.max_memory_allocated() - base
+    if first < _MIN_TIMED_S:  # short calls repeat until about _MIN_TIMED_S: one ms-scale call is mostly noise
+        repeats = max(repeats, min(100, math.ceil(_MIN_TIMED_S / max(first, 1e-4))))
     if repeats == 1 and first > _OWN_WARMUP_S:
         dt = first
     else:
