@@ -7,7 +7,8 @@ import pytest
 
 from headwise.patterns.plan import load_plan
 from headwise.server.commands.cli import main
-from headwise.server.commands.profile_cmd import Measurements, ProfileConfig, make_plan, measure
+from headwise.server.commands.profile_measure import Measurements, ProfileConfig, measure
+from headwise.server.commands.profile_plan import make_plan
 
 CFG = ProfileConfig(lengths=(256, 320), prompts=1, density_budget=0.7, num_layers=2, sample_blocks=2,
                     dtype="float32", cost="density", validate_cases=0)

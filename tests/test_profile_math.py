@@ -14,7 +14,7 @@ from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.prefill import build_prefill
 from headwise.patterns.profile import (RowSample, choose_patterns, default_candidates, kept_mass, rows_mask,
                                        sample_blocks, score_layer)
-from headwise.patterns.profile_decode import decode_for, default_select_layers
+from headwise.patterns.profile_decode_rules import decode_for, default_select_layers
 from headwise.patterns.strided import Strided
 from headwise.patterns.vertical_slash import VerticalSlash
 
@@ -194,7 +194,7 @@ def _sample_on(positions: list[int], s: int = 40) -> RowSample:
 
 
 def test_tidal_scores_measure_how_much_a_later_layer_keeps_of_an_earlier_pick():
-    from headwise.patterns.profile_decode import TidalScores
+    from headwise.patterns.profile_decode_rules import TidalScores
 
     ts = TidalScores(num_layers=3, top_k=2, num_heads=2)  # the pick: the needle and the current token
     for layer, needles in enumerate([[5, 7], [5, 8], [9, 7]]):  # per head: the needle each head reads
@@ -212,7 +212,7 @@ def test_tidal_scores_measure_how_much_a_later_layer_keeps_of_an_earlier_pick():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_select_layers_dp_matches_brute_force(seed):
-    from headwise.patterns.profile_decode import choose_select_layers
+    from headwise.patterns.profile_decode_rules import choose_select_layers
 
     n, first, selections = 9, 2, 3
     reuse = np.triu(np.random.default_rng(seed).random((n, n)), k=1)
