@@ -59,7 +59,7 @@ def _gather_heads(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     nblk, hkv, bsz, d = k_cache.shape
     heads = torch.arange(hkv, device=k_cache.device).view(1, hkv, 1)
     rows = blocks.long()[:, None, :]
-    if k_cache.stride(0) == hkv * k_cache.stride(1):  # (block, head) rows merge into one index: a row copy
+    if hkv == 1 or k_cache.stride(0) == hkv * k_cache.stride(1):  # (block, head) rows merge: one row copy
         return k_cache.flatten(0, 1).index_select(0, (rows * hkv + heads).flatten()).view(*rows.shape[:1], hkv, -1, bsz, d)
     return k_cache[rows, heads]
 
@@ -109,7 +109,8 @@ def decode_topk(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
     span: list[torch.Tensor] = []
     for j0 in range(0, n_blocks, blocks_per_tile):
         j1 = min(n_blocks, j0 + blocks_per_tile)
-        keys = _gather_heads(k_cache, block_table[:, j0:j1]).view(b, hkv, (j1 - j0) * bsz, d).float()
+        keys = _gather_heads(k_cache, block_table[:, j0:j1]).to(torch.float32, memory_format=torch.contiguous_format)
+        keys = keys.view(b, hkv, (j1 - j0) * bsz, d)  # fp32 and row-major in one copy, whatever the cache layout
         span.append(_scores(qs, keys, kv_heads, group))
         if len(span) == tiles_per_merge or j1 == n_blocks:  # merge a few tiles at once: fewer top-k passes
             p0 = (j0 - (len(span) - 1) * blocks_per_tile) * bsz

@@ -161,26 +161,35 @@ def test_dense_below_makes_short_requests_dense():
     assert sel.mode[1].tolist() == [DecodeMode.WINDOW] * 4
 
 
-@pytest.mark.parametrize("interleaved", [False, True], ids=["contiguous-cache", "kv-interleaved-view"])
+@pytest.mark.parametrize("layout", ["contiguous", "kv-interleaved", "dim-major-pages"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_topk_equals_a_full_sort_of_the_scores(monkeypatch, interleaved, dtype):
+@pytest.mark.parametrize("h,hkv", [(8, 4), (3, 1)], ids=["gqa", "one-kv-head"])  # one KV head: a TP rank's
+def test_tiled_topk_equals_a_full_sort_of_the_scores(monkeypatch, layout, dtype, h, hkv):
     """Many small tiles, merged a few at a time, pick what one sort of all scores picks, on a bf16
-    cache and on a cache view whose (block, head) rows do not merge (K of a ``[blocks, 2, ...]`` cache)."""
-    monkeypatch.setattr(decode_select, "_TILE_ELEMS", 2 * 4 * BLOCK * 8)  # two blocks per tile
-    monkeypatch.setattr(decode_select, "_MERGE_SPAN", 3 * 2 * BLOCK)  # merge every third tile
+    cache, on a cache view whose (block, head) rows do not merge (K of a ``[blocks, 2, ...]`` cache)
+    and on the plugin's torch-read cache (K pages stored head-dim major beside V: ``split_kv``)."""
     lens = [700, 333, 1]
-    keys, cache, table, seq_lens, q = paged_batch(lens, h=8, hkv=4, d=8, seed=5)
-    if interleaved:
+    monkeypatch.setattr(decode_select, "_TILE_ELEMS", 2 * len(lens) * hkv * BLOCK * 8)  # two blocks per tile
+    monkeypatch.setattr(decode_select, "_MERGE_SPAN", 3 * 2 * BLOCK)  # merge every third tile
+    keys, cache, table, seq_lens, q = paged_batch(lens, h=h, hkv=hkv, d=8, seed=5)
+    if layout == "kv-interleaved":
         kv = torch.zeros(cache.shape[0], 2, *cache.shape[1:])
         kv[:, 0] = cache
         cache = kv[:, 0]
+    elif layout == "dim-major-pages":  # the plugin's torch-read cache: K pages ``[D, bs]``, then V pages
+        from headwise.server.plugin.kv_cache import split_kv
+
+        kv = torch.zeros(cache.shape[0], cache.shape[1], cache.shape[2], 2 * cache.shape[3])
+        k_view, _ = split_kv(kv)
+        k_view.copy_(cache)
+        cache = k_view
     cache, keys, q = cache.to(dtype), keys.to(dtype).float(), q.to(dtype)
-    kv_heads = torch.arange(8) // 2
+    kv_heads = torch.arange(h) // (h // hkv)
     top_k = 40
     pos, count = decode_select.decode_topk(q, cache, table, seq_lens, kv_heads, top_k, scale=1.0)
     for r, n in enumerate(lens):
-        for h in range(8):
-            scores = keys[r, :n, h // 2] @ q[r, h].float()
+        for j in range(h):
+            scores = keys[r, :n, j // (h // hkv)] @ q[r, j].float()
             scores[n - 1] = float("inf")  # the current token is forced in
             want = sorted(torch.topk(scores, min(top_k, n)).indices.tolist())
-            assert pos[r, h, : count[r, h]].tolist() == want
+            assert pos[r, j, : count[r, j]].tolist() == want
