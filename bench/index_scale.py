@@ -173,7 +173,9 @@ def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens, rows: list
             kc = kc.expand(b, -1, -1, -1) if shared else kc
             kd = kc.transpose(1, 2)  # [B, Hkv, S, D] (a strided view: SDPA reads it in place)
             qd = q.view(b, H, 1, D)
-            dense = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, enable_gqa=True)  # noqa: E731
+            def dense(qd=qd, kd=kd):  # q and K bound here (a closure would see the deleted names)
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, enable_gqa=True)
+
             dt_dense, _ = measure(dense, repeats, memory=False)
             rows.append(dict(family="dense_attention_sdpa", context=s, batch=b, seconds=dt_dense, shared_cache=shared))
             print(f"decode  dense attention     S={s:>8d} B={b:<3d} {dt_dense * 1e3:9.2f} ms", flush=True)
@@ -185,7 +187,7 @@ def decode_rows(contexts, batches, repeats, dev, g, max_cache_tokens, rows: list
                                  fraction_of_dense=dt / dt_dense, shared_cache=shared))
                 print(f"decode  {name:20s} S={s:>8d} B={b:<3d} {dt * 1e3:9.2f} ms  {dt / dt_dense:6.1%} of dense", flush=True)
                 save()
-            del k_cache, summ, kc, kd
+            del k_cache, summ, kc, kd, dense
     return rows
 
 
