@@ -106,17 +106,17 @@ def decode_topk(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
     vals = torch.full((b, h, 0), float("-inf"), device=dev)
     idx = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
     n_blocks = -(-max_len // bsz)
-    span: list[torch.Tensor] = []
-    for j0 in range(0, n_blocks, blocks_per_tile):
-        j1 = min(n_blocks, j0 + blocks_per_tile)
+
+    def tile_scores(j0: int, j1: int) -> torch.Tensor:  # [B, H, (j1 - j0) * bsz]
         keys = _gather_heads(k_cache, block_table[:, j0:j1]).to(torch.float32, memory_format=torch.contiguous_format)
-        keys = keys.view(b, hkv, (j1 - j0) * bsz, d)  # fp32 and row-major in one copy, whatever the cache layout
-        span.append(_scores(qs, keys, kv_heads, group))
-        if len(span) == tiles_per_merge or j1 == n_blocks:  # merge a few tiles at once: fewer top-k passes
-            p0 = (j0 - (len(span) - 1) * blocks_per_tile) * bsz
-            pos = torch.arange(p0, j1 * bsz, device=dev)
-            vals, idx = _merge(vals, idx, rules(torch.cat(span, -1).float(), pos), pos, w)
-            span = []
+        return _scores(qs, keys.view(b, hkv, (j1 - j0) * bsz, d), kv_heads, group)  # fp32, row-major: one copy
+
+    span = blocks_per_tile * tiles_per_merge  # blocks scored before each running top-k merge
+    for m0 in range(0, n_blocks, span):
+        m1 = min(n_blocks, m0 + span)
+        s = torch.cat([tile_scores(j0, min(m1, j0 + blocks_per_tile)) for j0 in range(m0, m1, blocks_per_tile)], -1)
+        pos = torch.arange(m0 * bsz, m1 * bsz, device=dev)
+        vals, idx = _merge(vals, idx, rules(s, pos), pos, w)
     return _sorted_kept(vals, idx)
 
 
