@@ -23,13 +23,14 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
-                   scale: float | None = None, return_lse: bool = False):
-    """q ``[Tq, Hq, D]``, k/v ``[S, Hkv, D]`` -> out ``[Tq, Hq, D]`` (+ lse ``[Hq, Tq]`` fp32)."""
+                   scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None):
+    """q ``[Tq, Hq, D]``, k/v ``[S, Hkv, D]`` -> out ``[Tq, Hq, D]`` (+ lse ``[Hq, Tq]`` fp32);
+    written into ``out`` (contiguous, q's shape and dtype) when given."""
     if use_triton(q):
         from .prefill_triton import sparse_prefill_triton
 
-        return sparse_prefill_triton(q, k, v, index, scale, return_lse)
-    return sparse_prefill_torch(q, k, v, index, scale, return_lse)
+        return sparse_prefill_triton(q, k, v, index, scale, return_lse, out)
+    return sparse_prefill_torch(q, k, v, index, scale, return_lse, out)
 
 
 def sparse_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -29,11 +29,13 @@ import torch
 
 from .attention_torch import dense_attention_lse, flash, fused_cpu_ok
 from .index import SparseIndex
-from .prefill_io import Out, adjacent, q_rows, stack, windows
+from .prefill_io import Out, adjacent, key_rows, q_rows, row_steps, stack, windows
 from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_keys, head_sets, in_ranges, keys_below,
                            nested_far, own_range, plan_heads, prefix_chunks, row_tensors)
 
 PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
+GATHER_KEYS = 1 << 14  # key rows one gather of per-row far keys copies (4 MiB of fp32 K at head dim 64)
+SPAN_MIN = 1 << 12  # a row keeping all of its far keys [0, far_start) this long reads them as a view
 _NEG_INF = float("-inf")
 
 
@@ -163,30 +165,44 @@ def _far(acc: Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], scale:
     nested: dict[int, list] = {}
     for p in plans:
         rows, n_far = _far_rows_of(index, p)
+        # rows that keep every key below a long far start (a dense tail) read it as one view
+        whole = (n_far == p.far_start[rows]) & (n_far >= SPAN_MIN)
+        if bool(whole.any()):
+            _far_spans(acc, qp, kh, vh, index, p, rows[whole], scale)
+            rows, n_far = rows[~whole], n_far[~whole]
         if rows.numel() == 0:
             continue
         found = nested_far(index, p.heads[0], rows, p.far_start[rows], n_far)
         if found is None:
-            _far_rows(acc, qp, kh, vh, index, p, rows, scale)
+            _far_rows(acc, qp, kh, vh, index, p, rows, n_far, scale)
         else:
             nested.setdefault(len(p.heads), []).append((p, rows, *found))
     for items in nested.values():
         _far_nested(acc, qp, kh, vh, index, items, scale)
 
 
+def _far_spans(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, scale: float) -> None:
+    """Rows whose far keys are all of ``[0, far_start)``: a view of the keys, no gather."""
+    bm, s, d = index.block_m, len(p.heads), qp.shape[2]
+    for r, w in zip(rows.tolist(), p.far_start[rows].tolist()):
+        row = rows.new_tensor([[r]])
+        o, l = flash(stack(q_rows(qp, p.heads, row, bm)), windows(kh, p.kv_head, 0, 1, w, 0),
+                     windows(vh, p.kv_head, 0, 1, w, 0), scale=scale)
+        acc.merge(p.heads, row, o.view(1, s, bm, d), l.reshape(1, s, bm))
+
+
 def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: float) -> None:
     """Plans (same stack size) whose row r sees the first ``m[r]`` of one gathered key list:
     batch entry = plan, queries = its heads x a run of rows, one prefix mask row per block."""
     bm, d, dev = index.block_m, qp.shape[2], qp.device
-    nqb, s, s_pad = index.num_q_blocks, len(items[0][0].heads), kh.shape[1]
+    nqb, s = index.num_q_blocks, len(items[0][0].heads)
+    (k_flat, head_step, key_step), (v_flat, _, _) = key_rows(kh), key_rows(vh)
     width = max(int(it[2].numel()) for it in items)
     m_all = torch.zeros(len(items), nqb, dtype=torch.long, device=dev)  # keys each plan's row sees
     kv_id = torch.zeros(len(items), width, dtype=torch.long, device=dev)
     for i, (p, rows, keys, m) in enumerate(items):
         m_all[i, rows] = m
-        kv_id[i, : keys.numel()] = p.kv_head * s_pad + keys
-    kg = kh.view(-1, d).index_select(0, kv_id.view(-1)).view(len(items), 1, width, d)
-    vg = vh.view(-1, d).index_select(0, kv_id.view(-1)).view(len(items), 1, width, d)
+        kv_id[i, : keys.numel()] = p.kv_head * head_step + keys * key_step
     rows = torch.nonzero(m_all.amax(0) > 0).view(-1)
     m_max = m_all[:, rows].amax(0).tolist()
     heads = [h for it in items for h in it[0].heads]
@@ -196,36 +212,45 @@ def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: fl
         n = j - i
         rows_i = rows[None, i:j]
         m = m_all[:, rows[i:j]]  # [P, n]
-        bias = torch.zeros(len(items), n, w, dtype=qp.dtype, device=dev)
-        bias.masked_fill_(torch.arange(w, device=dev) >= m[..., None], _NEG_INF)
-        bias = bias.repeat_interleave(bm, dim=1)  # [P, n * bm, w]
-        bias = (bias if s == 1 else bias.repeat(1, s, 1))[:, None]  # [P, 1, S * n * bm, w]
         if one_view:  # single-head plans on consecutive heads: their queries are one view
             q = q_rows(qp, heads, rows_i, bm).transpose(0, 1)  # [P, 1, n * bm, D]
         else:
             q = torch.cat([stack(q_rows(qp, it[0].heads, rows_i, bm)) for it in items])
-        o, l = flash(q, kg[:, :, :w], vg[:, :, :w], bias, scale=scale)
-        l = l.reshape(len(items), s, n, bm)
-        l = torch.where((m > 0)[:, None, :, None], l, _NEG_INF)  # a plan's row without far keys
-        if one_view:
-            acc.merge(heads, rows_i, o.view(1, len(items), n * bm, d), l.view(1, len(items), n * bm))
-        else:
-            for it, oi, li in zip(items, o, l):
-                acc.merge(it[0].heads, rows_i, oi.view(1, s, n * bm, d), li.reshape(1, s, n * bm))
+        # keys in slices (one slice unless a single row's list is past the budget: long strided
+        # shards, many columns at long context); each slice is gathered, masked and merged alone
+        kw = max(bm, PAIR_BUDGET // (per_row * n))
+        for k0 in range(0, w, kw):
+            k1 = min(w, k0 + kw)
+            ids = kv_id[:, k0:k1].reshape(-1)
+            kg = k_flat.index_select(0, ids).view(len(items), 1, k1 - k0, d)
+            vg = v_flat.index_select(0, ids).view(len(items), 1, k1 - k0, d)
+            bias = torch.zeros(len(items), n, k1 - k0, dtype=qp.dtype, device=dev)
+            bias.masked_fill_(torch.arange(k0, k1, device=dev) >= m[..., None], _NEG_INF)
+            bias = bias.repeat_interleave(bm, dim=1)  # [P, n * bm, kw]
+            bias = (bias if s == 1 else bias.repeat(1, s, 1))[:, None]  # [P, 1, S * n * bm, kw]
+            o, l = flash(q, kg, vg, bias, scale=scale)
+            l = l.reshape(len(items), s, n, bm)
+            l = torch.where((m > k0)[:, None, :, None], l, _NEG_INF)  # a plan's row without keys in the slice
+            if one_view:
+                acc.merge(heads, rows_i, o.view(1, len(items), n * bm, d), l.view(1, len(items), n * bm))
+            else:
+                for it, oi, li in zip(items, o, l):
+                    acc.merge(it[0].heads, rows_i, oi.view(1, s, n * bm, d), li.reshape(1, s, n * bm))
 
 
-def _far_rows(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, scale: float) -> None:
+def _far_rows(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, n_far: torch.Tensor,
+              scale: float) -> None:
     """Far keys gathered per row (one row per batch item), every query of a row seeing them all."""
     bm, s, d = index.block_m, len(p.heads), qp.shape[2]
-    s_pad = kh.shape[1]
-    k_flat, v_flat = kh.view(-1, d), vh.view(-1, d)
-    pos = far_keys(index, p.heads[0], rows, p.far_start[rows])  # [n, U]
-    width = (pos < BIG).sum(1).tolist()
-    for i, j, w in _in_order(width, max(1, PAIR_BUDGET // (s * bm))):
+    (k_flat, head_step, key_step), (v_flat, _, _) = key_rows(kh), key_rows(vh)
+    # key lists are built per batch of rows: one list for every row would be padded to the widest
+    # row (a dense tail row: the whole prefix) for all of them
+    for i, j, w in _in_order(n_far.tolist(), max(1, min(PAIR_BUDGET // (s * bm), GATHER_KEYS))):
         n = j - i
-        ps = pos[i:j, :w]
+        ps = far_keys(index, p.heads[0], rows[i:j], p.far_start[rows[i:j]])  # [n, <= w]
+        w = ps.shape[1]
         ok = ps < BIG
-        kv_id = (p.kv_head * s_pad + torch.where(ok, ps, 0)).view(-1)
+        kv_id = (p.kv_head * head_step + torch.where(ok, ps, 0) * key_step).view(-1)
         kg = k_flat.index_select(0, kv_id).view(n, 1, w, d)
         vg = v_flat.index_select(0, kv_id).view(n, 1, w, d)
         # one key mask per row (padding off)
@@ -256,17 +281,17 @@ def _grouped(plans: list[HeadPlan], key) -> dict:
     return out
 
 
-def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: SparseIndex, scale: float):
-    """q: ``[Tq, Hq, D]``; kh, vh: ``[Hkv, S_pad, D]`` contiguous, zero beyond the sequence, with
-    ``S_pad >= q_offset + NQB * block_m``. Returns out ``[Tq, Hq, D]`` in q's dtype and lse
-    ``[Hq, Tq]`` fp32."""
+def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: SparseIndex, scale: float,
+                  out: torch.Tensor | None = None):
+    """q: ``[Tq, Hq, D]``; kh, vh: ``[Hkv, S, D]`` head-major or key-major (``prefill_io.key_rows``),
+    ``S = q_offset + Tq``. Returns out ``[Tq, Hq, D]`` in q's dtype and lse ``[Hq, Tq]`` fp32."""
     tq, hq, d = q.shape
     hkv = kh.shape[0]
     group, bm, nqb = hq // hkv, index.block_m, index.num_q_blocks
     index = index.to(q.device)
     t_pad = nqb * bm
     qp = q if tq == t_pad else torch.nn.functional.pad(q, (0, 0, 0, 0, 0, t_pad - tq))  # [T_pad, Hq, D]
-    acc = Out(t_pad, hq, d, q.dtype, q.device, bm)
+    acc = Out(t_pad, hq, d, q.dtype, q.device, bm, into=out if tq == t_pad else None)
     avail, dense = own_range(index)
     plans = [plan_heads(index, heads, group, avail, dense, allow_dense=fused_cpu_ok(q))
              for heads in head_sets(index, group)]
@@ -284,20 +309,17 @@ def _prefill_core(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, index: Sp
     for p in plans:
         _near_diag(acc, qp, kh, vh, index, p, scale)
     _far(acc, qp, kh, vh, index, plans, scale)
+    if out is not None and acc.o.data_ptr() != out.data_ptr():  # a ragged last block: padded rows dropped
+        out.copy_(acc.o[:tq])
+        return out, acc.lse[:, :tq]
     return acc.o[:tq], acc.lse[:, :tq]
 
 
-def _head_major(x: torch.Tensor, seq_len: int, s_pad: int) -> torch.Tensor:
-    """``[S, Hkv, D]`` -> contiguous ``[Hkv, S_pad, D]``, zero beyond ``seq_len`` (so every block
-    window is in bounds and padding keys are finite)."""
-    out = x.new_empty(x.shape[1], s_pad, x.shape[2])
-    out[:, :seq_len] = x.transpose(0, 1)
-    out[:, seq_len:] = 0
-    return out
-
-
-def _padded_len(index: SparseIndex) -> int:
-    return index.q_offset + index.num_q_blocks * index.block_m
+def _by_head(x: torch.Tensor) -> torch.Tensor:
+    """``[S, Hkv, D]`` -> ``[Hkv, S, D]``: a view when ``x`` is one dense block of key rows (as the
+    projection and the transformers cache lay keys out), else one head-major copy."""
+    t = x.transpose(0, 1)
+    return t if row_steps(t) is not None else t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_inputs(q: torch.Tensor, index: SparseIndex, hkv: int, d: int, where: str) -> None:
@@ -319,6 +341,7 @@ def sparse_prefill_torch(
     index: SparseIndex,
     scale: float | None = None,
     return_lse: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """Attention of one request's query chunk over the keys ``index`` selects (causal on top).
 
@@ -334,9 +357,10 @@ def sparse_prefill_torch(
             f"[{index.seq_len} (= q_offset {index.q_offset} + q_len {index.q_len}), Hkv, D]"
         )
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    kh = _head_major(k.to(q.dtype), index.seq_len, _padded_len(index))
-    vh = _head_major(v.to(q.dtype), index.seq_len, _padded_len(index))
-    out, lse = _prefill_core(q, kh, vh, index, scale)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous()):
+        raise ValueError(f"sparse_prefill: out must be a contiguous {q.dtype} tensor of q's shape "
+                         f"{tuple(q.shape)}, found {out.dtype} {tuple(out.shape)}")
+    out, lse = _prefill_core(q, _by_head(k.to(q.dtype)), _by_head(v.to(q.dtype)), index, scale, out)
     return (out, lse) if return_lse else out
 
 
@@ -354,7 +378,7 @@ def sparse_prefill_paged_torch(
     k_cache, v_cache: ``[num_blocks, Hkv, block_size, D]`` (strided views of vLLM's cache are
     fine); block_table_row: ``[max_blocks]`` int, the request's logical -> physical blocks, which
     must cover ``index.seq_len`` positions. On CPU the request's positions are first gathered into
-    one contiguous head-major copy (``S x Hkv x D``, small next to the attention work).
+    one contiguous copy (``S x Hkv x D``, small next to the attention work).
     """
     _check_inputs(q, index, k_cache.shape[1], k_cache.shape[3], "sparse_prefill_paged")
     bs = k_cache.shape[2]
@@ -368,7 +392,7 @@ def sparse_prefill_paged_torch(
     # one gather of the request's positions into head-major order; every later read is a view or a gather
     pos = torch.arange(index.seq_len, device=k_cache.device)
     blocks = block_table_row.to(k_cache.device).long()[pos // bs]
-    kh = _head_major(k_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, _padded_len(index))
-    vh = _head_major(v_cache[blocks, :, pos % bs].to(q.dtype), index.seq_len, _padded_len(index))
+    kh = _by_head(k_cache[blocks, :, pos % bs].to(q.dtype))
+    vh = _by_head(v_cache[blocks, :, pos % bs].to(q.dtype))
     out, lse = _prefill_core(q, kh, vh, index, scale)
     return (out, lse) if return_lse else out

@@ -28,8 +28,10 @@ class Out:
     ``lse [Hq, T_pad]`` fp32. Near parts write their rows; far parts merge into them by LSE.
     Cells are addressed by heads and rows ``[n, k]`` (-1 = none), as ``[n, S, k * bm]``."""
 
-    def __init__(self, t_pad: int, hq: int, d: int, dtype: torch.dtype, device, bm: int):
-        self.o = torch.empty(t_pad, hq, d, dtype=dtype, device=device)
+    def __init__(self, t_pad: int, hq: int, d: int, dtype: torch.dtype, device, bm: int,
+                 into: torch.Tensor | None = None):
+        # ``into``: the caller's output buffer ``[t_pad, hq, d]`` (contiguous), filled in place
+        self.o = into if into is not None else torch.empty(t_pad, hq, d, dtype=dtype, device=device)
         self.lse = torch.empty(hq, t_pad, device=device)
         self.bm = bm
 
@@ -113,8 +115,44 @@ def q_rows(qp: torch.Tensor, heads: list[int], rows: torch.Tensor, bm: int) -> t
     return blocks.permute(0, 3, 1, 2, 4).reshape(n, s, k * bm, d)
 
 
+def row_steps(x: torch.Tensor) -> tuple[int, int] | None:
+    """Rows (of D elements) between heads and between keys of ``x [Hkv, S, D]`` when its memory is
+    one dense block of rows, head-major or key-major (``[S, Hkv, D]`` transposed); else None."""
+    h, s, d = x.shape
+    st_h, st_k, st_d = x.stride()
+    if st_d != 1 and d > 1:
+        return None
+    if (h == 1 or st_h == s * d) and (s == 1 or st_k == d):
+        return s, 1  # head-major
+    if (h == 1 or st_h == d) and (s == 1 or st_k == h * d):
+        return 1, h  # key-major
+    return None
+
+
+def key_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Rows of ``x [Hkv, S, D]`` as one ``[Hkv * S, D]`` view of its memory, with the row steps
+    between heads and between keys: key ``j`` of head ``g`` is row ``g * head_step + j * key_step``."""
+    steps = row_steps(x)
+    if steps is None:
+        raise ValueError(f"key_rows: expected [Hkv, S, D] laid out head-major or key-major, found strides "
+                         f"{x.stride()} for shape {tuple(x.shape)}")
+    h, s, d = x.shape
+    return x.as_strided((h * s, d), (d, 1), x.storage_offset()), *steps
+
+
 def windows(x: torch.Tensor, g: int, first: int, count: int, width: int, step: int) -> torch.Tensor:
     """``count`` overlapping windows of ``width`` keys of KV head ``g``, the i-th starting at
-    ``first + i * step``: a strided view ``[count, 1, width, D]`` of ``x [Hkv, S_pad, D]``."""
-    s_pad, d = x.shape[1], x.shape[2]
-    return x.as_strided((count, 1, width, d), (step * d, 0, d, 1), x.storage_offset() + (g * s_pad + first) * d)
+    ``first + i * step``: a strided view ``[count, 1, width, D]`` of ``x [Hkv, S, D]`` (any layout
+    with unit stride along D). Windows reaching past the last key (the partial last query block)
+    read a zero-padded copy of just the keys they span, so the caller never pads the whole cache."""
+    s, d = x.shape[1], x.shape[2]
+    span = (count - 1) * step + width
+    if first < 0 or first + span > s:
+        src = x.new_zeros(1, span, d)
+        lo, hi = max(first, 0), min(first + span, s)
+        if hi > lo:
+            src[0, lo - first:hi - first] = x[g, lo:hi]
+        x, g, first = src, 0, 0
+    _, head_step, key_step = key_rows(x)
+    st_h, st_k = head_step * d, key_step * d
+    return x.as_strided((count, 1, width, d), (step * st_k, 0, st_k, 1), x.storage_offset() + g * st_h + first * st_k)

@@ -208,11 +208,11 @@ def sparse_prefill_varlen_paged_triton(q, k_cache, v_cache, block_table, index: 
     return _launch(q, k_cache, v_cache, index.to_device(q.device), starts, block_table, scale, return_lse, out)
 
 
-def sparse_prefill_triton(q, k, v, index: SparseIndex, scale=None, return_lse=False):
+def sparse_prefill_triton(q, k, v, index: SparseIndex, scale=None, return_lse=False, out=None):
     """One request, contiguous K/V: same contract as ``sparse_prefill_torch``."""
     if k.shape[0] != index.seq_len:
         raise ValueError(f"sparse_prefill: k has {k.shape[0]} positions, expected seq_len {index.seq_len}")
-    return sparse_prefill_varlen_triton(q, k, v, [0], VarlenIndex.pack([index], q.device), scale, return_lse)
+    return sparse_prefill_varlen_triton(q, k, v, [0], VarlenIndex.pack([index], q.device), scale, return_lse, out)
 
 
 def sparse_prefill_paged_triton(q, k_cache, v_cache, block_table_row, index: SparseIndex, scale=None,

@@ -39,6 +39,13 @@ def _static_key(spec: Any, inp: PrefillInputs) -> tuple:
             inp.total_len, inp.block_m)
 
 
+def _heads_of(q: torch.Tensor, local: list[int]) -> torch.Tensor:
+    """``q[:, local]``: a view when the heads are consecutive (a whole layer's queries are not copied)."""
+    if local == list(range(local[0], local[0] + len(local))):
+        return q[:, local[0]:local[0] + len(local)]
+    return q[:, torch.tensor(local, dtype=torch.long, device=q.device)]
+
+
 def build_layer_prefill_index(
     specs: list[Any],
     heads: list[int],
@@ -94,7 +101,7 @@ def build_layer_prefill_index(
         idx = torch.tensor(local, dtype=torch.long)
         inp = PrefillInputs(
             heads=[heads[i] for i in local], num_layer_heads=num_layer_heads, q_offset=q_offset, q_len=q_len,
-            total_len=total_len, q=None if q is None else q[:, idx.to(q.device)], k=k,
+            total_len=total_len, q=None if q is None else _heads_of(q, local), k=k,
             kv_heads=kv_heads[idx.to(kv_heads.device)], block_m=block_m, num_layer_kv_heads=num_layer_kv_heads,
             scale=scale)
         if cache is not None and is_static(spec):

@@ -186,6 +186,32 @@ def test_one_layer_with_dynamic_patterns_equals_the_masked_reference(model, geom
     torch.testing.assert_close(out[0, pad:], ref, atol=ATTN_ATOL, rtol=0)
 
 
+def test_a_long_prompt_runs_in_chunks_each_as_if_the_prompt_ended_there(model, geometry):
+    # chunk c (keys up to its last query) must attend exactly as a prompt cut at the chunk's end
+    # does when run whole: the engine's chunked prefill. Dynamic heads estimate from the chunk's own
+    # last queries, so a chunk that saw the whole prompt (or only itself) would differ. Every chunk
+    # here holds at least the 64 queries vertical-slash estimates from (a shorter last chunk
+    # estimates from fewer, in the engine too, and a prompt cut there would not).
+    plan = _plan(geometry, settings={"dense_below": 0}, layers={"4": {"heads": DYNAMIC_HEADS}})
+    module = model.model.layers[4].self_attn
+    g = torch.Generator().manual_seed(5)
+    s, d, chunk = 330, geometry.head_dim, 128
+    q = torch.randn(1, 9, s, d, generator=g)
+    k, v = torch.randn(1, 3, s, d, generator=g), torch.randn(1, 3, s, d, generator=g)
+    hf.attach_plan(model, plan, pages=None, chunk=chunk)
+    chunked, _ = hf.headwise_attention(module, q, k, v, None, scaling=module.scaling)
+    hf.attach_plan(model, plan, pages=None, chunk=None)
+    whole, _ = hf.headwise_attention(module, q, k, v, None, scaling=module.scaling)
+    assert not torch.allclose(chunked, whole, atol=1e-3)  # the chunks' indices differ from one pass's
+    for c0 in range(0, s, chunk):
+        c1 = min(s, c0 + chunk)
+        cut, _ = hf.headwise_attention(module, q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], None,
+                                       scaling=module.scaling)
+        torch.testing.assert_close(chunked[0, c0:c1], cut[0, c0:c1], atol=ATTN_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        hf.attach_plan(model, plan, chunk=0)
+
+
 # ------------------------------------------------------------------------------ decode
 def test_decode_window_and_tidal_read_what_the_plan_says(model, geometry):
     plan = _plan(geometry, settings={"dense_below": 0, "tidal_top_k": 16},

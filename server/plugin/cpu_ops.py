@@ -185,7 +185,7 @@ def page_mask(index: SparseIndex, page: int) -> torch.Tensor:
     last = torch.where(valid, -(-re // page), num_pages)
     marks.scatter_add_(2, first, valid.to(torch.int32))
     marks.scatter_add_(2, last, -valid.to(torch.int32))
-    mask = marks.cumsum(2)[..., :num_pages] > 0
+    mask = marks.cumsum(2, dtype=torch.int32)[..., :num_pages] > 0
     if index.columns.shape[2]:
         cvalid = torch.arange(index.columns.shape[2]) < index.column_count[..., None]
         cols = torch.where(cvalid, index.columns.long() // page, num_pages)
@@ -196,6 +196,18 @@ def page_mask(index: SparseIndex, page: int) -> torch.Tensor:
     pos = torch.arange(num_pages)
     own = (pos[None, :] >= (start // page)[:, None]) & (pos[None, :] < (-(-end // page))[:, None])
     return mask | own[None]
+
+
+def _in_slots(flags: torch.Tensor, count: torch.Tensor, width: int, shift: int) -> torch.Tensor:
+    """``[H, NQB, width]`` int32: the positions (plus ``shift``) where ``flags [H, NQB, P]`` is set,
+    ascending in each row, ``P`` after the ``count`` of them."""
+    h, nqb, p = flags.shape
+    at = torch.nonzero(flags)  # [N, 3], row-major: ascending positions within each row
+    row = at[:, 0] * nqb + at[:, 1]
+    before = torch.cumsum(count.view(-1).long(), 0) - count.view(-1).long()  # entries of earlier rows
+    out = torch.full((h * nqb, width), p, dtype=torch.int32)
+    out[row, torch.arange(at.shape[0]) - before[row]] = (at[:, 2] + shift).to(torch.int32)
+    return out.view(h, nqb, width)
 
 
 def page_index(index: SparseIndex, page: int, merge: int = 1) -> SparseIndex:
@@ -213,10 +225,10 @@ def page_index(index: SparseIndex, page: int, merge: int = 1) -> SparseIndex:
     starts, ends = mask & ~prev, mask & ~nxt
     count = starts.sum(-1).to(torch.int32)
     width = max(int(count.max()) if count.numel() else 0, 1)
-    pos = torch.arange(p)
-    # positions of the run starts/ends first (sorted), padding after them
-    first = torch.where(starts, pos, p).sort(-1).values[..., :width]
-    last = torch.where(ends, pos + 1, p).sort(-1).values[..., :width]
+    # each row's run starts / ends in order, padding after them: placed from the nonzero list (as
+    # many entries as runs), never a sort over every page of every row
+    first = _in_slots(starts, count, width, 0)
+    last = _in_slots(ends, count, width, 1)
     rs = (first * page).clamp(max=index.seq_len)
     re = (last * page).clamp(max=index.seq_len)
     empty = torch.zeros(h, nqb, 0, dtype=torch.int32)

@@ -10,7 +10,8 @@ which hands the layer to the ``HeadwiseRuntime`` that ``attach_plan`` bound to t
 
 * a chunk of queries (prefill, possibly after a cached prefix) runs ``sparse_prefill`` over the
   index ``build_layer_prefill_index`` builds from the layer's prefill specs (dense below
-  ``settings.dense_below``), one request at a time;
+  ``settings.dense_below``), one request at a time, in chunks of ``PREFILL_CHUNK`` queries as the
+  engine's chunked prefill runs them (so a 128K prompt never holds a whole-prompt index);
 * one new token with a KV cache (decode) runs ``sparse_decode`` with the layer's decode specs.
   An HF cache ``[B, Hkv, S, D]`` *is* a paged cache with ``block_size = S`` and
   ``block_table[b] = [b]``; TidalDecode's ``select`` layers write a ``TidalState`` that the
@@ -41,6 +42,10 @@ from . import cpu_ops, runner
 from .plan_binding import FINE_PAGE, PlanBinding, cpu_page
 
 ATTN_NAME = "headwise"
+# queries per prefill chunk: long prompts run in pieces of this many, with memory bounded by the piece.
+# Prompts up to 8K (the evals, the profiler's lengths) still run whole; ``attach_plan(chunk=2048)``
+# splits them where `headwise serve` on CPU does (vLLM's default --max-num-batched-tokens there)
+PREFILL_CHUNK = 8192
 # capture(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) for one request's whole prompt (after RoPE)
 CaptureFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -49,8 +54,11 @@ class HeadwiseRuntime:
     """The plan bound to one model, plus the state one forward needs (TidalDecode, statistics)."""
 
     def __init__(self, plan: Plan | None, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 capture: CaptureFn | None = None, pages: int | None = None):
+                 capture: CaptureFn | None = None, pages: int | None = None, chunk: int | None = PREFILL_CHUNK):
+        if chunk is not None and chunk <= 0:
+            raise ValueError(f"HeadwiseRuntime: chunk must be a positive number of queries or None, found {chunk}")
         self.plan = plan
+        self.chunk = chunk  # queries per prefill chunk (None: a request's whole prompt at once)
         self.pages = pages  # read whole pages of this many tokens, as vLLM's CPU op does (None: exact)
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
         # the plan as one (unsharded) worker sees it: the same layer bindings the vLLM impl runs
@@ -79,23 +87,48 @@ class HeadwiseRuntime:
         self._static_cache = {}
 
     # ---------------------------------------------------------------- prefill
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """One request's query chunk. q: ``[Tq, Hq, D]``; k, v: ``[S, Hkv, D]`` -> ``[Tq, Hq, D]``."""
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """One request's queries. q: ``[Tq, Hq, D]``; k, v: ``[S, Hkv, D]`` -> ``[Tq, Hq, D]``
+        (written into ``out`` when given).
+
+        Queries run ``chunk`` at a time, as the engine's chunked prefill runs them: chunk ``c`` sees
+        the keys up to its own last query, only the prompt's last chunk gets the dense tail, and the
+        index, the kernel's key copies and its partial sums stay the size of one chunk however long
+        the prompt (the whole prompt at once would hold its index for every query block together).
+        """
         tq, s = q.shape[0], k.shape[0]
         if self.capture is not None and s == tq:
             self.capture(layer, q, k, v)
+        if out is None:
+            out = q.new_empty(q.shape)
+        offset = s - tq
+        step = tq
+        if self.chunk is not None and self.chunk < tq:  # whole query blocks: a split inside one would move its window
+            block = self.plan.settings.block_size if self.plan is not None else 64
+            step = max(block, self.chunk // block * block)
+        for c0 in range(0, tq, step):
+            c1 = min(tq, c0 + step)
+            self._prefill_chunk(layer, q[c0:c1], k[:offset + c1], v[:offset + c1], scale, out[c0:c1],
+                                total_len=s, ends_prompt=c1 == tq)
+        return out
+
+    def _prefill_chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       out: torch.Tensor, total_len: int, ends_prompt: bool) -> None:
+        tq, s = q.shape[0], k.shape[0]
         if self.plan is None:  # capture mode: dense attention, the model behaves as trained
             index = SparseIndex.dense(self.num_heads, tq, s - tq, device=q.device)
         else:
             st = self.plan.settings
-            index = runner.prefill_index(self.binding.for_layer(layer), st, q, k, s - tq, s + st.planned_generation,
-                                         scale, cache=self._static_cache)
+            index = runner.prefill_index(self.binding.for_layer(layer), st, q, k, s - tq,
+                                         total_len + st.planned_generation, scale, cache=self._static_cache,
+                                         ends_prompt=ends_prompt)
             if self.pages:
                 index = cpu_ops.page_index(index, self.pages, cpu_ops.block_merge(self.pages, index.block_m))
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal
         self.kept["prefill"] += fast_density(index) * causal
-        return runner.run_prefill(q, k, v, index, scale)
+        runner.run_prefill(q, k, v, index, scale, out=out)
 
     # ----------------------------------------------------------------- decode
     def decode(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -173,7 +206,7 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if layer == 0:
         runtime.start_forward()
     pads = _left_padding(attention_mask, b, s)
-    out = torch.zeros(b, tq, hq, d, dtype=query.dtype, device=query.device)
+    out = query.new_zeros(b, tq, hq, d)
     if tq == 1 and s > 1:  # decode: one new token over the cache
         seq_lens = torch.tensor([s - p for p in pads], dtype=torch.int32, device=query.device)
         k_cache, v_cache = key, value
@@ -191,7 +224,7 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         k_row = key[row, :, pads[row]:].transpose(0, 1)  # [S', Hkv, D]
         v_row = value[row, :, pads[row]:].transpose(0, 1)
         if q_row.shape[0]:
-            out[row, skip:] = runtime.prefill(layer, q_row, k_row, v_row, scale)
+            runtime.prefill(layer, q_row, k_row, v_row, scale, out=out[row, skip:])
     return out, None
 
 
@@ -214,7 +247,8 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
-                capture: CaptureFn | None = None, pages: int | str | None = "auto") -> HeadwiseRuntime:
+                capture: CaptureFn | None = None, pages: int | str | None = "auto",
+                chunk: int | None = PREFILL_CHUNK) -> HeadwiseRuntime:
     """Bind ``plan`` (a ``Plan`` or a path) to every attention layer of ``model``.
 
     ``plan=None`` runs dense attention through the same kernels (the profiler's capture mode).
@@ -222,6 +256,8 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
     vLLM's CPU op computes; ``"auto"`` does so where the engine would (a CPU model whose dtype and
     head size the op runs: the engine's page for this plan, ``plan_binding.cpu_page``), ``None``
     runs every index exactly (the GPU kernels' way).
+    ``chunk``: a prompt's queries run this many at a time (``None``: all at once), so a 128K prompt
+    builds and holds the index of one chunk at a time.
     The model must have been loaded with ``attn_implementation="headwise"`` (or switched to it).
     Raises ``PlanError`` when the plan was made for another geometry.
     """
@@ -245,7 +281,7 @@ def attach_plan(model: torch.nn.Module, plan: Plan | str | Path | None, *,
         param = next(model.parameters())
         on_op = param.device.type == "cpu" and cpu_ops.available(param.dtype, geometry[3])
         pages = (cpu_page(plan) if plan is not None else FINE_PAGE) if on_op else None
-    runtime = HeadwiseRuntime(plan, *geometry, capture=capture, pages=pages)
+    runtime = HeadwiseRuntime(plan, *geometry, capture=capture, pages=pages, chunk=chunk)
     modules = _attention_modules(model)
     if len(modules) != geometry[0]:
         raise ValueError(f"attach_plan: found {len(modules)} attention modules with a layer_idx, expected "

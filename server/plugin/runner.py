@@ -93,5 +93,6 @@ def run_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return KERNELS["sparse_prefill_paged"](q, k_cache, v_cache, table_row, index, scale=scale)
 
 
-def run_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float) -> torch.Tensor:
-    return KERNELS["sparse_prefill"](q, k, v, index, scale)
+def run_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    return KERNELS["sparse_prefill"](q, k, v, index, scale, out=out)

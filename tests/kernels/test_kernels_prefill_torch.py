@@ -200,3 +200,67 @@ def test_prefix_chunks_cover_every_row_once():
         assert w == max(1, max(m[i:j])) and (j - i) * w <= 1000 or j - i == 1
         seen.extend(range(i, j))
     assert seen == list(range(len(m)))
+
+
+@pytest.mark.parametrize("layout", ["key_major", "head_major", "one_kv_head"])
+def test_keys_are_read_in_the_layout_they_come_in(layout):
+    # key-major [S, Hkv, D] (the projection's and the transformers cache's order) and head-major
+    # (a transposed view of [Hkv, S, D]) are read in place; a ragged last block's band windows
+    # reach past the last key and read a zero-padded copy of just their span
+    hq, hkv = (9, 3) if layout != "one_kv_head" else (4, 1)
+    q_len, off = 600, 130
+    idx = structured_index("a_shape_wide", hq, q_len, off, seed=4, group=hq // hkv)
+    q, k, v = qkv(q_len, off + q_len, hq, hkv, 64, torch.float32, seed=6)
+    if layout == "head_major":
+        k, v = k.transpose(0, 1).contiguous().transpose(0, 1), v.transpose(0, 1).contiguous().transpose(0, 1)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+def test_a_dense_tail_row_reads_its_long_far_span_as_a_view():
+    # the last block keeps every key (a plan's dense tail) past SPAN_MIN far keys; the heads of one
+    # group differ elsewhere (sink + window), so the row runs through the far part, not a dense prefix
+    from headwise.kernels.prefill import SPAN_MIN
+
+    q_len, off, bm = 320, SPAN_MIN + 200, 64
+    s = off + q_len
+    nqb = q_len // bm
+    ranges = [[[(0, off + (b + 1) * bm)] if b == nqb - 1 else [(0, 16), (off + (b + 1) * bm - window, off + (b + 1) * bm)]
+               for b in range(nqb)] for window in (128, 256)]
+    idx = SparseIndex.from_lists(ranges, [[[] for _ in range(nqb)] for _ in ranges], q_len=q_len, q_offset=off)
+    q, k, v = qkv(q_len, s, 2, 1, 64, torch.float32, seed=11)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("q_len", [128, 77])  # whole blocks (filled in place); a ragged last block (copied in)
+def test_out_is_filled_in_place(q_len):
+    idx = random_index(9, q_len, 40, seed=12)
+    q, k, v = qkv(q_len, 40 + q_len, 9, 3, 64, torch.float32, seed=13)
+    out = torch.full_like(q, float("nan"))
+    got = sparse_prefill_torch(q, k, v, idx, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    ref, _ = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        sparse_prefill_torch(q, k, v, idx, out=out[:, :4])
+
+
+@pytest.mark.parametrize("kind", ["strided", "columns", "a_shape"])
+def test_far_keys_past_the_pair_budget_run_in_slices(kind, monkeypatch):
+    # a budget this small puts a single row's far key list (shards, columns, sinks) past it, so the
+    # nested far part gathers, masks and merges its keys slice by slice
+    import headwise.kernels.prefill as prefill
+
+    monkeypatch.setattr(prefill, "PAIR_BUDGET", 1 << 13)
+    hq, hkv = 9, 3
+    idx = structured_index(kind, hq, 600, 130, seed=21, group=hq // hkv)
+    q, k, v = qkv(600, 730, hq, hkv, 64, torch.float32, seed=22)
+    out, lse = sparse_prefill_torch(q, k, v, idx, return_lse=True)
+    ref, ref_lse = masked_attention_reference(q, k, v, idx.to_dense_mask())
+    assert_out_close(out, ref, torch.float32)
+    assert_lse_close(lse, ref_lse, torch.float32)
