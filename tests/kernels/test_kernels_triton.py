@@ -132,6 +132,9 @@ def test_prefill_single_request_entry_points(triton_kernels, device):
     ref, ref_lse = masked_attention_reference(q, k, v, idx.to(device).to_dense_mask())
     assert_out_close(out, ref, torch.float32)
     assert_lse_close(lse, ref_lse, torch.float32)
+    into = torch.full_like(q, float("nan"))  # the transformers path's chunks write into its output
+    assert prefill.sparse_prefill_triton(q, k, v, idx, out=into).data_ptr() == into.data_ptr()
+    assert_out_close(into, ref, torch.float32)
     kc, vc, table = paged_cache([k.cpu()], [v.cpu()], 32, seed=1)
     out = prefill.sparse_prefill_paged_triton(q, kc.to(device), vc.to(device), table[0].to(device), idx)
     assert_out_close(out, ref, torch.float32)
