@@ -10,7 +10,7 @@ from headwise.kernels.index import SparseIndex
 from headwise.kernels.reference import masked_attention_reference
 from headwise.patterns.a_shape import sink_window_index
 from headwise.patterns.prefill import with_dense_tail
-from headwise.server.plugin import cpu_ops
+from headwise.server.plugin import cpu_ops, pages
 
 HQ, HKV, D = 9, 3, 64
 pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.bfloat16, D), reason="vLLM's CPU attention op is not here")
@@ -35,7 +35,7 @@ def _paged(s: int, tq: int, seed: int, page: int = PAGE):
 
 def _rounded_mask(index: SparseIndex, page: int) -> torch.Tensor:
     """``[H, Tq, S]``: the keys the op attends when it reads ``page_mask``'s pages (causal)."""
-    pm = cpu_ops.page_mask(index, page)  # [H, NQB, P]
+    pm = pages.page_mask(index, page)  # [H, NQB, P]
     qpos = index.q_offset + torch.arange(index.q_len)
     per_query = pm[:, torch.arange(index.q_len) // index.block_m]  # [H, Tq, P]
     keys = per_query[..., torch.arange(index.seq_len) // page]  # [H, Tq, S]
@@ -52,7 +52,7 @@ def _check(index: SparseIndex, seed: int = 0):
     assert bool((rounded | ~exact).all()), "page rounding dropped a kept key"
     assert sched.kept_pairs == int(rounded.sum())  # the density the stats report is the rounded one
     # the same keys as an index: what the transformers integration runs to match the engine
-    assert torch.equal(cpu_ops.page_index(index, PAGE).to_dense_mask(), rounded)
+    assert torch.equal(pages.page_index(index, PAGE).to_dense_mask(), rounded)
     want, _ = masked_attention_reference(q, k, v, rounded, D ** -0.5)
     # bf16 output: one rounding step of outputs up to ~2 is 7.8e-3 (the largest error measured here)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
@@ -175,7 +175,7 @@ def test_sink_window_decode_rows_run_on_the_op_over_the_pages_they_keep(per_kv):
                           torch.zeros(len(lens), h, dtype=torch.int32))
     sched = cpu_ops.plan_decode(sel, seq_lens, table, bs, HQ, HKV, D, torch.bfloat16)
     got = cpu_ops.run(q, kv, sched, D ** -0.5)
-    rounded = cpu_ops.page_round_windows(sel, seq_lens, bs)
+    rounded = pages.page_round_windows(sel, seq_lens, bs)
     exact_m, round_m = sel.to_dense_mask(seq_lens), rounded.to_dense_mask(seq_lens)  # [B, h, S]
     assert bool((round_m | ~exact_m).all()) and bool((round_m & ~exact_m).any())  # a superset, really rounded
     group = HQ // h
@@ -242,7 +242,7 @@ def test_blocks_that_share_a_page_run_as_one_virtual_request():
     single = cpu_ops.plan_prefill(index, row, page, HKV, D, torch.bfloat16, merge=1)
     merged = cpu_ops.plan_prefill(index, row, page, HKV, D, torch.bfloat16, merge=2)
     assert merged.calls[0].block_table.shape[0] == -(-index.num_q_blocks // 2) < single.calls[0].block_table.shape[0]
-    pm, _, _ = cpu_ops.merge_blocks(cpu_ops.page_mask(index, page), torch.zeros(index.num_q_blocks),
+    pm, _, _ = pages.merge_blocks(pages.page_mask(index, page), torch.zeros(index.num_q_blocks),
                                     torch.zeros(index.num_q_blocks), 2)  # [H, groups, P]
     qpos = q_offset + torch.arange(index.q_len)
     keys = pm[:, torch.arange(index.q_len) // (2 * index.block_m)][..., torch.arange(s) // page]

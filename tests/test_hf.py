@@ -13,7 +13,7 @@ from headwise.kernels import decode_attention_reference, masked_attention_refere
 from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.plan_errors import PlanError
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.server.plugin import cpu_ops, hf
+from headwise.server.plugin import cpu_ops, hf, pages
 from headwise.server.commands.model import read_geometry, resolve_model
 from headwise.server.commands.tasks import make_task
 
@@ -81,9 +81,9 @@ def test_dense_plan_equals_sdpa_including_a_left_padded_batch(model, geometry):
     torch.testing.assert_close(both[1, 127:], ref_b[0], atol=LOGIT_ATOL, rtol=0)
 
 
-def _reference_attention(plan: Plan, pages: int | None = None):
+def _reference_attention(plan: Plan, page: int | None = None):
     """Eager attention under the dense mask of the layer's index (batch 1, whole prompt), rounded
-    up to whole pages of ``pages`` tokens when given."""
+    up to whole pages of ``page`` tokens when given."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [S, H, D]
@@ -92,8 +92,8 @@ def _reference_attention(plan: Plan, pages: int | None = None):
         index = build_layer_prefill_index(plan.layer_prefill(module.layer_idx), list(range(hq)), hq, q, k,
                                           torch.arange(hq) // (hq // hkv), 0, s + st.planned_generation,
                                           st.block_size, num_layer_kv_heads=hkv, dense_below=st.dense_below)
-        if pages:
-            index = cpu_ops.page_index(index, pages)
+        if page:
+            index = pages.page_index(index, page)
         out, _ = masked_attention_reference(q, k, v, index.to_dense_mask(), scaling)
         return out[None].to(query.dtype), None
 
@@ -131,7 +131,7 @@ def test_on_cpu_plans_read_the_pages_the_engine_reads(model, geometry):
     plan = _plan(geometry, settings={"dense_below": 0},
                  default={"prefill": {"type": "a_shape", "sink": 64, "window": 128}}, layers=STATIC_LAYERS)
     ids = _ids(333, 2)
-    transformers.AttentionInterface.register("headwise_test_pages", _reference_attention(plan, pages=32))
+    transformers.AttentionInterface.register("headwise_test_pages", _reference_attention(plan, page=32))
     model.set_attn_implementation("headwise_test_pages")
     ref = _logits(model, ids)
     runtime = hf.attach_plan(model, plan)

@@ -21,7 +21,7 @@ from headwise.kernels.index import DecodeMode
 from headwise.patterns import a_shape
 from headwise.patterns.base import PrefillInputs
 from headwise.patterns.prefill import build_layer_prefill_index
-from headwise.server.plugin import cpu_ops
+from headwise.server.plugin import cpu_ops, pages
 from headwise.server.plugin import impl as impl_mod
 from headwise.server.plugin import stats
 from plugin_batches import D, HQ, HKV, SCALE, Req, Step, make_backend, make_plan, run_layer
@@ -118,7 +118,7 @@ def test_every_prefill_row_runs_on_vllms_cpu_op_over_the_real_cache(tmp_path, fa
         index = build_layer_prefill_index(plan.layer_prefill(1), list(range(HQ)), HQ, None, None, None,
                                           reqs[i].context, reqs[i].context + reqs[i].q_len, q_len=reqs[i].q_len,
                                           num_layer_kv_heads=HKV, dense_below=64)
-        pm = cpu_ops.page_mask(index, 32)[:, torch.arange(index.q_len) // 64]  # [H, Tq, P]
+        pm = pages.page_mask(index, 32)[:, torch.arange(index.q_len) // 64]  # [H, Tq, P]
         rounded = pm[..., torch.arange(index.seq_len) // 32] & step.causal(i)
         assert bool((rounded | ~index.to_dense_mask()).all())  # a superset of the pattern
         assert native[i][1].kept_pairs == int(rounded.sum())
@@ -175,7 +175,7 @@ def test_sink_window_decode_runs_on_vllms_op_planned_once_per_step(tmp_path, fak
     outs = [run_layer(impls[layer], layer, step, md, step.query(13 + layer), write=layer == 0) for layer in (0, 1)]
     assert not fakes.calls and len(native) == 2 and native[0] is native[1]  # planned once, shared
     sel = make_window_selection(reqs, 4, 40, dense_below=64)
-    rounded = cpu_ops.page_round_windows(sel, step.seq_lens, 32).to_dense_mask(step.seq_lens)
+    rounded = pages.page_round_windows(sel, step.seq_lens, 32).to_dense_mask(step.seq_lens)
     assert native[0].kept_pairs == int(rounded.sum()) * (HQ // HKV)
     for layer, out in zip((0, 1), outs):
         for i, r in enumerate(reqs):

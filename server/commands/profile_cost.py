@@ -50,7 +50,7 @@ def measure_costs(candidates: Sequence, num_heads: int, num_kv_heads: int, head_
     from headwise import kernels
     from headwise.patterns.base import PrefillInputs
     from headwise.patterns.prefill import build_prefill
-    from headwise.server.plugin import cpu_ops
+    from headwise.server.plugin import cpu_ops, pages
     from headwise.server.plugin.kv_cache import split_kv, write_kv
     from headwise.server.plugin.plan_binding import COARSE_PREFILL, FINE_PAGE, VLLM_CPU_BLOCK
 
@@ -90,7 +90,7 @@ def measure_costs(candidates: Sequence, num_heads: int, num_kv_heads: int, head_
                     index = build_prefill(spec, inp)
                     if use_op:
                         sched = cpu_ops.plan_prefill(index, block_row, page, num_kv_heads, head_dim, dtype, isa,
-                                                     merge=cpu_ops.block_merge(page, block_m))
+                                                     merge=pages.block_merge(page, block_m))
                         cpu_ops.run(q[start:end], views, sched, scale)
                     else:
                         kernels.sparse_prefill_paged(q[start:end], k_cache, v_cache, block_row, index, scale=scale)

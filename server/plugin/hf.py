@@ -38,7 +38,7 @@ from headwise.patterns.plan import Plan, load_plan
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from . import cpu_ops, runner
+from . import cpu_ops, pages, runner
 from .plan_binding import FINE_PAGE, PlanBinding, cpu_page
 
 ATTN_NAME = "headwise"
@@ -124,7 +124,7 @@ class HeadwiseRuntime:
                                          total_len + st.planned_generation, scale, cache=self._static_cache,
                                          ends_prompt=ends_prompt)
             if self.pages:
-                index = cpu_ops.page_index(index, self.pages, cpu_ops.block_merge(self.pages, index.block_m))
+                index = pages.page_index(index, self.pages, pages.block_merge(self.pages, index.block_m))
         causal = self.num_heads * (tq * (s - tq) + tq * (tq + 1) / 2)
         self.causal["prefill"] += causal
         self.kept["prefill"] += fast_density(index) * causal
@@ -150,7 +150,7 @@ class HeadwiseRuntime:
             selection = runner.decode_selection(lb, st, q, k_cache, block_table, seq_lens,
                                                 seq_lens + st.planned_generation, scale, self.tidal)
             if self.pages and lb.decode_on_op:  # the engine's op reads whole pages: the same superset
-                selection = cpu_ops.page_round_windows(selection, seq_lens, self.pages)
+                selection = pages.page_round_windows(selection, seq_lens, self.pages)
         self.causal["decode"] += float(seq_lens.sum()) * self.num_heads
         if self.binding is None:
             self.kept["decode"] += float(seq_lens.sum()) * self.num_heads

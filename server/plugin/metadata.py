@@ -49,7 +49,7 @@ from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from . import cpu_ops, cuda_ops, runner
+from . import cpu_ops, cuda_ops, pages, runner
 from .plan_binding import LayerBinding, PlanBinding, worker_binding
 from .stats import StatsRecorder, init_recorder, stats_dir_from_env
 from .timing import step_phase
@@ -111,7 +111,7 @@ def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, n
     causal = row.causal_pairs * num_heads
     if op is not None and index.device.type == "cpu":
         schedule = cpu_ops.plan_prefill(index, block_row, op.page, op.num_kv_heads, op.head_dim, op.dtype, op.isa,
-                                        merge=cpu_ops.block_merge(op.page, index.block_m))
+                                        merge=pages.block_merge(op.page, index.block_m))
         return PrefillWork(index, schedule, schedule.kept_pairs, causal)
     dens = 1.0 if row.dense else fast_density(index)
     return PrefillWork(index, None, round(dens * causal), causal)
