@@ -153,6 +153,8 @@ def windows(x: torch.Tensor, g: int, first: int, count: int, width: int, step: i
         if hi > lo:
             src[0, lo - first:hi - first] = x[g, lo:hi]
         x, g, first = src, 0, 0
-    _, head_step, key_step = key_rows(x)
-    st_h, st_k = head_step * d, key_step * d
+    steps = row_steps(x)
+    if steps is None:
+        raise ValueError(f"windows: expected [Hkv, S, D] laid out head-major or key-major, found strides {x.stride()}")
+    st_h, st_k = steps[0] * d, steps[1] * d
     return x.as_strided((count, 1, width, d), (step * st_k, 0, st_k, 1), x.storage_offset() + g * st_h + first * st_k)

@@ -21,8 +21,6 @@ def test_hf_memory_quick_writes_results(tmp_path):
     for r in res["rows"]:
         # a fresh 4K x 9 x 64 fp32 output is allocated (and touched) inside every call
         assert r["extra_bytes"] >= 0.9 * r["output_bytes"] > 0, r
-        assert r["layer_bytes"] == r["inputs_bytes"] + r["extra_bytes"]
-    assert res["rows"][0]["layer_vs_sdpa"] == 1.0
 
 
 def test_hf_memory_refuses_an_unknown_plan(tmp_path):
