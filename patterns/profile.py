@@ -8,7 +8,10 @@ calibration prompt and one layer we know every head's queries and keys; a candid
   a sample of query blocks spread over the second half of the prompt (the last block included,
   where a question sits), and
 * **density** — the fraction of causal (query, key) pairs its index keeps over the whole prompt
-  (``fast_density`` of the index actually built, so dynamic patterns are measured, not guessed).
+  (``kept_pairs`` of the indices actually built, so dynamic patterns are measured, not guessed).
+
+A long prompt is scored chunk by chunk, as serving's chunked prefill builds its indices
+(``score_layer(chunk=)``), so its memory is bounded by a chunk, not the prompt.
 
 ``ProfileScores`` accumulates both per (layer, head, candidate, length); ``choose_patterns`` then
 solves a multiple-choice knapsack as a MILP (SciPy's HiGHS): maximise the total kept mass subject
@@ -30,7 +33,7 @@ from headwise.kernels.index import SparseIndex
 
 from .base import PatternModel, PrefillInputs
 from .prefill import build_prefill
-from .ranges import fast_density
+from .ranges import kept_pairs_by_head
 
 BuildFn = Callable[[PatternModel, PrefillInputs], SparseIndex]
 # Tie-break weight on density in the objective: among candidates that keep the same mass (e.g. a
@@ -70,24 +73,54 @@ def block_rows(blocks: Sequence[int], seq_len: int, block_m: int = 64) -> torch.
     return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
-def rows_mask(index: SparseIndex, blocks: Sequence[int]) -> torch.Tensor:
-    """``[H, n, S]`` bool: the keys ``index`` lets the sampled blocks' queries read (causal).
+def rows_mask(index: SparseIndex, blocks: Sequence[int], width: int | None = None) -> torch.Tensor:
+    """``[H, n, width]`` bool: the keys ``index`` lets the sampled blocks' queries read (causal).
 
-    Each sampled block is cut out of the index as a one-block index at its own ``q_offset`` and
-    expanded with ``SparseIndex.to_dense_mask``, so the mask is the format's own semantics.
+    ``blocks``: absolute query block numbers inside the index's queries (an index over a chunk of
+    the prompt starts at a whole block, ``q_offset``); ``width`` defaults to the index's keys. The
+    semantics of ``SparseIndex.to_dense_mask`` (a block's ranges and columns, then causality per
+    row), built per block in ``O(H (S + R + C))``: a range marks ``+1`` at its start and ``-1`` at its
+    end and a running sum finds the keys inside one, never an ``[H, R, S]`` tensor.
     """
-    if index.q_offset != 0:
-        raise ValueError(f"rows_mask: expected an index over the whole prompt (q_offset 0), found q_offset {index.q_offset}")
-    s, bm = index.seq_len, index.block_m
+    s, bm, dev = width or index.seq_len, index.block_m, index.device
+    first = _first_block(index, "rows_mask")
+    keys = torch.arange(s, device=dev)
     parts = []
     for b in blocks:
-        q_len = min(bm, index.q_len - b * bm)
-        sub = SparseIndex(index.range_start[:, b : b + 1], index.range_end[:, b : b + 1],
-                          index.range_count[:, b : b + 1], index.columns[:, b : b + 1],
-                          index.column_count[:, b : b + 1], q_len, b * bm, bm)
-        m = sub.to_dense_mask()  # [H, q_len, b*bm + q_len]
-        parts.append(torch.nn.functional.pad(m, (0, s - m.shape[2])))
+        i = b - first
+        q_len = min(bm, index.q_len - i * bm)
+        if i < 0 or q_len <= 0:
+            raise ValueError(f"rows_mask: block {b} is outside the index's queries "
+                             f"[{index.q_offset}, {index.q_offset + index.q_len})")
+        rows = b * bm + torch.arange(q_len, device=dev)
+        parts.append(_block_keys(index, i, s)[:, None, :] & (keys.view(1, 1, -1) <= rows.view(1, -1, 1)))
+    if not parts:
+        return torch.zeros(index.num_heads, 0, s, dtype=torch.bool, device=dev)
     return torch.cat(parts, dim=1)
+
+
+def _block_keys(index: SparseIndex, i: int, s: int) -> torch.Tensor:
+    """``[H, s]`` bool: the keys inside query block ``i``'s ranges or among its columns."""
+    h, dev = index.num_heads, index.device
+    live = torch.arange(index.range_start.shape[2], device=dev) < index.range_count[:, i, None]
+    start = index.range_start[:, i].long().clamp(0, s)
+    end = index.range_end[:, i].long().clamp(0, s)
+    live &= end > start
+    marks = torch.zeros(h, s + 1, dtype=torch.int32, device=dev)
+    marks.scatter_add_(1, torch.where(live, start, s), live.int())
+    marks.scatter_add_(1, torch.where(live, end, s), -live.int())
+    inside = marks.cumsum(1, dtype=torch.int32)[:, :s] > 0
+    c_live = torch.arange(index.columns.shape[2], device=dev) < index.column_count[:, i, None]
+    cols = torch.where(c_live, index.columns[:, i].long(), s).clamp(0, s)
+    on_column = torch.zeros(h, s + 1, dtype=torch.bool, device=dev).scatter_(1, cols, True)
+    return inside | on_column[:, :s]
+
+
+def _first_block(index: SparseIndex, who: str) -> int:
+    if index.q_offset % index.block_m:
+        raise ValueError(f"{who}: expected an index whose queries start at a whole block, found q_offset "
+                         f"{index.q_offset} with blocks of {index.block_m}")
+    return index.q_offset // index.block_m
 
 
 @dataclass
@@ -108,7 +141,13 @@ class RowSample:
     def from_qk(cls, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, n_blocks: int = 4,
                 block_m: int = 64, scale: float | None = None, tail: int = 0) -> "RowSample":
         """q: ``[S, H, D]`` every query of the prompt; k: ``[S, Hkv, D]``."""
-        blocks = sample_blocks(q.shape[0], n_blocks, block_m, tail)
+        return cls.of_blocks(q, k, kv_heads, sample_blocks(q.shape[0], n_blocks, block_m, tail), block_m, scale)
+
+    @classmethod
+    def of_blocks(cls, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, blocks: list[int],
+                  block_m: int = 64, scale: float | None = None) -> "RowSample":
+        """The rows of the query blocks ``blocks`` of q ``[Tq, H, D]`` over the keys k ``[S, Hkv, D]``
+        (``S`` >= the last row + 1: the probabilities are ``S`` wide)."""
         rows = block_rows(blocks, q.shape[0], block_m).to(q.device)
         probs = estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
         prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
@@ -120,13 +159,15 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
 
     A range ``[s, e)`` keeps ``P[min(e, p + 1)] - P[min(s, min(e, p + 1))]`` of query ``p``'s mass,
     with ``P`` its prefix sum; a column ``c <= p`` keeps ``probs[c]``. Equal to
-    ``(probs * rows_mask(index, blocks)).sum(-1)`` at ``O(n (R + C))`` instead of ``O(n S)``.
+    ``(probs * rows_mask(index, blocks)).sum(-1)`` at ``O(n (R + C))`` instead of ``O(n S)``. The
+    index may cover a chunk of the prompt that holds the sampled rows.
     """
-    if index.q_offset != 0:
-        raise ValueError(f"kept_mass: expected an index over the whole prompt (q_offset 0), found q_offset {index.q_offset}")
     rows, probs, prefix = sample.rows, sample.probs, sample.prefix
     n, s = rows.shape[0], probs.shape[2]
-    qb = rows // index.block_m
+    qb = rows // index.block_m - _first_block(index, "kept_mass")
+    if n and (int(qb.min()) < 0 or int(rows.max()) >= index.q_offset + index.q_len):
+        raise ValueError(f"kept_mass: the sampled rows [{int(rows.min())}, {int(rows.max())}] are not all among the "
+                         f"index's queries [{index.q_offset}, {index.q_offset + index.q_len})")
     p1 = (rows + 1).view(1, n, 1)
     r_valid = torch.arange(index.range_start.shape[2], device=rows.device) < index.range_count[:, qb, None]
     e = torch.minimum(index.range_end[:, qb].long(), p1)  # [H, n, R]
@@ -138,11 +179,39 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
     return (in_ranges + in_cols).float()
 
 
-def sample_values(sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vh [H, S, D], dense [H, n, D])``: each head's values and the sampled rows' dense attention
-    output, computed once per layer for every candidate's ``output_quality``."""
-    vh = v[:, kv_heads.to(v.device)].transpose(0, 1).float()
-    return vh, torch.bmm(sample.probs, vh)
+def grouped_values(v: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+    """``[G, S, D]`` fp32 values, one per group of consecutive query heads that read the same KV head
+    (``attend``'s right-hand side): v ``[S, Hkv, D]`` as it is when the query heads are in KV-head
+    order (no copy per query head), else one copy per query head."""
+    hq, hkv = kv_heads.shape[0], v.shape[1]
+    if hq % hkv == 0 and torch.equal(kv_heads.cpu(), torch.arange(hq) // (hq // hkv)):
+        return v.transpose(0, 1).float().contiguous()
+    return v[:, kv_heads.to(v.device)].transpose(0, 1).float().contiguous()
+
+
+def attend(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[H, n, D]``: the rows' probabilities ``[H, n, W]`` times ``grouped_values`` ``[G, S, D]``
+    (``W <= S``: the first ``W`` keys), each group's heads in one product."""
+    h, n, w = probs.shape
+    g = values.shape[0]
+    return torch.bmm(probs.reshape(g, h // g * n, w), values[:, :w]).view(h, n, -1)
+
+
+def sample_values(sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor,
+                  grouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grouped_values, dense [H, n, D])``: the layer's values and the sampled rows' dense attention
+    output, computed once per sample for every candidate's ``output_quality`` (``grouped``: the
+    layer's ``grouped_values`` when the caller has them)."""
+    vg = grouped_values(v, kv_heads) if grouped is None else grouped
+    return vg, attend(sample.probs, vg)
+
+
+def output_errors(index: SparseIndex, sample: RowSample, values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[H, n]`` each sampled row's relative output error under ``index`` (``output_quality``)."""
+    vg, dense = values
+    kept = sample.probs * rows_mask(index, sample.blocks, sample.probs.shape[2])  # [H, n, S]
+    sparse = attend(kept, vg) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    return ((sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
 
 
 def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor,
@@ -156,11 +225,8 @@ def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_he
     keys whose values differ (a sink whose value is near zero costs little to lose). v: ``[S, Hkv, D]``;
     ``values``: ``sample_values`` when the caller scores several indices on one sample.
     """
-    vh, dense = values if values is not None else sample_values(sample, v, kv_heads)
-    kept = sample.probs * rows_mask(index, sample.blocks)  # [H, n, S]
-    sparse = torch.bmm(kept, vh) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
-    err = (sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)
-    return (1.0 - err.clamp(max=1.0)).mean(-1)
+    values = values if values is not None else sample_values(sample, v, kv_heads)
+    return (1.0 - output_errors(index, sample, values)).mean(-1)
 
 
 # -------------------------------------------------------------------------- scoring
@@ -181,34 +247,66 @@ class LayerScore:
 def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternModel], *, layer_heads: int,
                 layer_kv_heads: int, n_blocks: int = 4, block_m: int = 64, scale: float | None = None,
                 build: BuildFn = build_prefill, total_len: int | None = None, v: torch.Tensor | None = None,
-                tail: int = 0) -> LayerScore:
+                tail: int = 0, chunk: int | None = None) -> LayerScore:
     """Score every candidate on every head of one layer of one prompt.
 
     q: ``[S, Hq, D]`` (every query of the prompt, RoPE applied); k, v: ``[S, Hkv, D]`` (v optional:
     it adds ``output_quality``); ``tail``: the plan's dense tail (``sample_blocks``).
     Each candidate's index is built once for all heads (as serving would, with the layer's
     global head numbering), then judged on the sampled rows.
+
+    ``chunk``: the queries run this many at a time, as serving's chunked prefill builds them (each
+    chunk's index over the keys up to its last query; ``None``: the whole prompt as one chunk).
+    Only one chunk's indices and its sampled rows' probabilities are alive at once, so a 128K
+    prompt's memory is bounded by the chunk, not the prompt; density counts every chunk's pairs.
+    The returned ``sample`` is the last chunk's that holds sampled rows (the answer rows the decode
+    scorers read), with its ``values``.
     """
     s, hq, _ = q.shape
     if hq != layer_heads or k.shape[1] != layer_kv_heads:
         raise ValueError(f"score_layer: q/k have {hq}/{k.shape[1]} heads, expected {layer_heads}/{layer_kv_heads}")
+    if chunk is not None and chunk <= 0:
+        raise ValueError(f"score_layer: chunk must be a positive number of queries or None, found {chunk}")
     group = hq // layer_kv_heads
     kv_heads = torch.arange(hq) // group
-    sample = RowSample.from_qk(q, k, kv_heads, n_blocks, block_m, scale, tail)
-    mass = np.zeros((hq, len(candidates)))
-    density = np.zeros((hq, len(candidates)))
-    quality = np.zeros((hq, len(candidates))) if v is not None else None
-    values = sample_values(sample, v, kv_heads) if v is not None else None
-    for c, spec in enumerate(candidates):
-        inp = PrefillInputs(heads=list(range(hq)), num_layer_heads=hq, q_offset=0, q_len=s,
-                            total_len=total_len or s, q=q, k=k, kv_heads=kv_heads, block_m=block_m,
+    blocks = sample_blocks(s, n_blocks, block_m, tail)
+    step = s if chunk is None or chunk >= s else max(block_m, chunk // block_m * block_m)
+    grouped = grouped_values(v, kv_heads) if v is not None else None
+    kept = torch.zeros(len(candidates), hq, dtype=torch.int64)
+    causal = 0
+    mass_rows: list[torch.Tensor] = []  # per chunk with samples: [C, H, n_chunk]
+    error_rows: list[torch.Tensor] = []
+    sample = RowSample.of_blocks(q, k, kv_heads, [], block_m, scale)  # replaced by the last chunk's
+    values = None
+    for c0 in range(0, s, step):
+        c1 = min(s, c0 + step)
+        inp = PrefillInputs(heads=list(range(hq)), num_layer_heads=hq, q_offset=c0, q_len=c1 - c0,
+                            total_len=total_len or s, q=q[c0:c1], k=k[:c1], kv_heads=kv_heads, block_m=block_m,
                             num_layer_kv_heads=layer_kv_heads, scale=scale)
-        index = build(spec, inp)
-        mass[:, c] = kept_mass(index, sample).mean(-1).cpu().numpy()
-        if quality is not None:
-            quality[:, c] = output_quality(index, sample, v, kv_heads, values).cpu().numpy()
-        for h in range(hq):
-            density[h, c] = fast_density(index.select_heads([h]))
+        mine = [b for b in blocks if c0 <= b * block_m < c1]
+        if mine:
+            sample = RowSample.of_blocks(q, k[:c1], kv_heads, mine, block_m, scale)
+            values = sample_values(sample, v, kv_heads, grouped) if grouped is not None else None
+        causal += (c1 - c0) * c0 + (c1 - c0) * (c1 - c0 + 1) // 2
+        masses, errors = [], []
+        for c, spec in enumerate(candidates):
+            index = build(spec, inp)
+            kept[c] += kept_pairs_by_head(index).cpu()
+            if mine:
+                masses.append(kept_mass(index, sample))
+                if values is not None:
+                    errors.append(output_errors(index, sample, values))
+            del index
+        if mine:
+            mass_rows.append(torch.stack(masses))
+            if values is not None:
+                error_rows.append(torch.stack(errors))
+    if not mass_rows:  # nothing sampled (a dense tail over the whole prompt): nothing measured
+        mass_rows = [torch.full((len(candidates), hq, 1), float("nan"))]
+        error_rows = [torch.full((len(candidates), hq, 1), float("nan"))] if grouped is not None else []
+    mass = torch.cat(mass_rows, -1).mean(-1).T.cpu().numpy().astype(np.float64)
+    quality = (1.0 - torch.cat(error_rows, -1)).mean(-1).T.cpu().numpy().astype(np.float64) if error_rows else None
+    density = (kept.T.double() / causal).numpy() if causal else np.zeros((hq, len(candidates)))
     return LayerScore(mass, density, sample, quality, values)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import PatternModel
-from .profile import RowSample, ScoreTotals
+from .profile import RowSample, ScoreTotals, attend
 from .profile_decode_rules import DECODE_MODES
 
 DECODE_CHOICES = ("optimize", *DECODE_MODES)  # --decode: the optimised choice, or a rule
@@ -81,11 +81,11 @@ def decode_output_quality(spec: PatternModel, sample: RowSample, rows: torch.Ten
     """``[H]`` one minus the relative error of the answer rows' attention output when they read
     only ``spec``'s tokens (``profile.output_quality`` for a decode selection). ``values``: the
     sample's ``sample_values``. Holds one masked copy of the answer rows' probabilities."""
-    vh, dense = values
+    grouped, dense = values
     probs = sample.probs[:, rows]  # [H, n, S]
     mask = decode_keep_mask(spec, sample.rows[rows], probs.shape[2])
     kept = probs * mask[None]
-    out = torch.bmm(kept, vh) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    out = attend(kept, grouped) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
     ref = dense[:, rows]
     err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
     return (1.0 - err.clamp(max=1.0)).mean(-1)

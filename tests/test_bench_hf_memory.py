@@ -27,3 +27,16 @@ def test_hf_memory_refuses_an_unknown_plan(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_memory.py"), "--plans", "nope",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "no shipped plan named nope" in run.stderr
+
+
+def test_hf_memory_profiler_quick_scores_one_layer(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_memory.py"), "--profiler", "--quick",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "hf_memory_profiler_quick.json").read_text())
+    assert res["complete"] and [r["length"] for r in res["rows"]] == [4096]
+    r = res["rows"][0]
+    assert r["candidates"] > 1, r
+    # the sampled rows' probabilities (fp32) and their prefix sums (fp64) are alive together: 4 blocks
+    # of 64 rows, 9 heads, 4096 keys
+    assert r["extra_bytes"] >= 0.9 * 9 * 256 * 4096 * (4 + 8), r

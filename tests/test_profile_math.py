@@ -61,6 +61,8 @@ def test_kept_mass_equals_the_dense_mask_of_the_index(spec):
     q, k = torch.randn(333, HQ, D, generator=g), torch.randn(333, HKV, D, generator=g)
     index = _build(spec, q, k)
     sample = RowSample.from_qk(q, k, torch.arange(HQ) // 3, n_blocks=3)
+    # rows_mask is the index's own dense mask, cut to the sampled rows
+    assert torch.equal(rows_mask(index, sample.blocks), index.to_dense_mask()[:, sample.rows])
     reference = (sample.probs * rows_mask(index, sample.blocks)).sum(-1)
     # fp32 probabilities summed in fp64 both ways: differences are fp32 rounding of ~300 terms
     torch.testing.assert_close(kept_mass(index, sample), reference, atol=1e-5, rtol=0)
@@ -83,6 +85,48 @@ def test_a_retrieval_head_keeps_its_needle_only_under_patterns_that_reach_it():
     assert (score.mass[:, 1] < 0.5).all()  # the window misses most of the mass
     assert (score.mass[:, 2] > 0.9).all()  # the needle's column is found by the estimate
     assert (score.density[:, 1:] < 0.5).all()
+
+
+def test_a_long_prompt_is_scored_chunk_by_chunk_as_serving_builds_its_indices():
+    """``score_layer(chunk=)`` against dense masks: every chunk's index built over the keys up to its
+    last query (as chunked prefill builds it), density over all chunks, mass and output quality of
+    the sampled rows under their own chunk's index; one chunk (``chunk`` >= the prompt) is the
+    whole-prompt scoring."""
+    from headwise.patterns.block_sparse import BlockSparse
+
+    g = torch.Generator().manual_seed(11)
+    s, chunk = 700, 256  # chunks [0, 256), [256, 512), [512, 700): samples in the last two
+    q, k, v = torch.randn(s, HQ, D, generator=g), torch.randn(s, HKV, D, generator=g), torch.randn(s, HKV, D, generator=g)
+    kv_heads = torch.arange(HQ) // (HQ // HKV)
+    cands = [Dense(), AShape(sink=16, window=64), VerticalSlash(vertical=8, slash=4, local_diagonals=2, sink_columns=4),
+             BlockSparse(top_k=3), Strided(local_blocks=1, vert_stride=3)]
+    score = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, chunk=chunk, n_blocks=4)
+    whole = RowSample.from_qk(q, k, kv_heads, n_blocks=4)
+    assert {b * 64 // chunk for b in whole.blocks} == {1, 2}
+    vh = v[:, kv_heads].transpose(0, 1)
+    dense_out = whole.probs @ vh
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool))
+    for c, spec in enumerate(cands):
+        mask = torch.zeros(HQ, s, s, dtype=torch.bool)
+        for c0 in range(0, s, chunk):
+            c1 = min(s, c0 + chunk)
+            inp = PrefillInputs(heads=list(range(HQ)), num_layer_heads=HQ, q_offset=c0, q_len=c1 - c0, total_len=s,
+                                q=q[c0:c1], k=k[:c1], kv_heads=kv_heads, num_layer_kv_heads=HKV)
+            mask[:, c0:c1, :c1] = build_prefill(spec, inp).to_dense_mask()
+        assert not (mask & ~causal).any()
+        np.testing.assert_allclose(score.density[:, c], (mask.sum((1, 2)).double() / causal.sum()).numpy(), rtol=1e-12)
+        kept = whole.probs * mask[:, whole.rows]
+        np.testing.assert_allclose(score.mass[:, c], kept.sum(-1).mean(-1).numpy(), atol=1e-5)
+        out = (kept @ vh) / kept.sum(-1, keepdim=True)
+        err = ((out - dense_out).norm(dim=-1) / dense_out.norm(dim=-1)).clamp(max=1)
+        np.testing.assert_allclose(score.quality[:, c], (1 - err).mean(-1).numpy(), atol=1e-4)
+    # the answer rows the decode scorers read: the last sampled block, over the keys up to its chunk's end
+    assert score.sample.blocks[-1] == whole.blocks[-1] and score.sample.probs.shape[2] == s
+    one = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, chunk=s, n_blocks=4)
+    full = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, n_blocks=4)
+    assert np.array_equal(one.mass, full.mass) and np.array_equal(one.density, full.density)
+    # chunking changes what the dynamic patterns keep (their estimate sees only its chunk's queries)
+    assert not np.allclose(one.density[:, 2:4], score.density[:, 2:4])
 
 
 def test_default_candidates_scale_with_length_and_are_unique():

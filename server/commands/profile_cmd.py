@@ -5,7 +5,10 @@
 
 The model runs in Hugging Face transformers with the headwise attention in capture mode: dense
 attention through the headwise kernels, and each layer's q/k/v handed to ``score_layer`` as the
-forward passes, so nothing is kept between layers. Calibration prompts are the retrieval tasks
+forward passes, so nothing is kept between layers. Prompts longer than ``hf.PREFILL_CHUNK`` (8K)
+run and are scored in chunks of it, each candidate's index built per chunk as chunked prefill
+builds it, so a 32K-128K profile holds one chunk's indices and sampled rows at a time (its peak
+memory per layer: ``bench/hf_memory.py --profiler``). Calibration prompts are the retrieval tasks
 of ``headwise.server.commands.tasks`` (seeds below 1,000,000; the eval suite's start there) with
 the expected answer appended as the assistant's reply. Every candidate is judged per head by the
 attention mass it keeps on sampled query rows (``--objective mass``; or by the error of the

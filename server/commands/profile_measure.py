@@ -195,7 +195,8 @@ def measure(cfg: ProfileConfig) -> Measurements:
         # q: [S, Hq, D], k, v: [S, Hkv, D] of one prompt, RoPE applied
         score = score_layer(q, k, candidates, layer_heads=n_heads, layer_kv_heads=n_kv,
                             n_blocks=cfg.sample_blocks, total_len=q.shape[0] + cfg.planned_generation,
-                            v=v if cfg.objective == "output" else None, tail=cfg.dense_tail)
+                            v=v if cfg.objective == "output" else None, tail=cfg.dense_tail,
+                            chunk=hf.PREFILL_CHUNK)
         scores.add(layer, current["li"], score)
         tidal.add(layer, score.sample)
         decode_scores.add(layer, current["li"], score.sample, score.values)
