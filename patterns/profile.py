@@ -33,7 +33,7 @@ from headwise.kernels.index import SparseIndex
 
 from .base import PatternModel, PrefillInputs
 from .prefill import build_prefill
-from .ranges import kept_pairs_by_head
+from .ranges import kept_pairs
 
 BuildFn = Callable[[PatternModel, PrefillInputs], SparseIndex]
 # Tie-break weight on density in the objective: among candidates that keep the same mass (e.g. a
@@ -85,18 +85,19 @@ def rows_mask(index: SparseIndex, blocks: Sequence[int], width: int | None = Non
     s, bm, dev = width or index.seq_len, index.block_m, index.device
     first = _first_block(index, "rows_mask")
     keys = torch.arange(s, device=dev)
-    parts = []
-    for b in blocks:
+    lens = [min(bm, index.q_len - (b - first) * bm) for b in blocks]
+    out = torch.empty(index.num_heads, sum(lens), s, dtype=torch.bool, device=dev)
+    at = 0
+    for b, q_len in zip(blocks, lens):
         i = b - first
-        q_len = min(bm, index.q_len - i * bm)
         if i < 0 or q_len <= 0:
             raise ValueError(f"rows_mask: block {b} is outside the index's queries "
                              f"[{index.q_offset}, {index.q_offset + index.q_len})")
         rows = b * bm + torch.arange(q_len, device=dev)
-        parts.append(_block_keys(index, i, s)[:, None, :] & (keys.view(1, 1, -1) <= rows.view(1, -1, 1)))
-    if not parts:
-        return torch.zeros(index.num_heads, 0, s, dtype=torch.bool, device=dev)
-    return torch.cat(parts, dim=1)
+        torch.logical_and(_block_keys(index, i, s)[:, None, :], keys.view(1, 1, -1) <= rows.view(1, -1, 1),
+                          out=out[:, at : at + q_len])
+        at += q_len
+    return out
 
 
 def _block_keys(index: SparseIndex, i: int, s: int) -> torch.Tensor:
@@ -150,7 +151,11 @@ class RowSample:
         (``S`` >= the last row + 1: the probabilities are ``S`` wide)."""
         rows = block_rows(blocks, q.shape[0], block_m).to(q.device)
         probs = estimate.last_q_probs(q[rows], k, kv_heads, rows, scale)
-        prefix = torch.nn.functional.pad(torch.cumsum(probs.double(), -1), (1, 0))
+        h, n, s = probs.shape
+        prefix = torch.empty(h, n, s + 1, dtype=torch.float64, device=probs.device)
+        prefix[..., 0] = 0
+        for i in range(h):  # summed in fp64 one head at a time: no fp64 copy of every row
+            torch.cumsum(probs[i], -1, dtype=torch.float64, out=prefix[i, :, 1:])
         return cls(blocks, rows, probs, prefix, block_m)
 
 
@@ -168,15 +173,19 @@ def kept_mass(index: SparseIndex, sample: RowSample) -> torch.Tensor:
     if n and (int(qb.min()) < 0 or int(rows.max()) >= index.q_offset + index.q_len):
         raise ValueError(f"kept_mass: the sampled rows [{int(rows.min())}, {int(rows.max())}] are not all among the "
                          f"index's queries [{index.q_offset}, {index.q_offset + index.q_len})")
-    p1 = (rows + 1).view(1, n, 1)
-    r_valid = torch.arange(index.range_start.shape[2], device=rows.device) < index.range_count[:, qb, None]
-    e = torch.minimum(index.range_end[:, qb].long(), p1)  # [H, n, R]
-    st = torch.minimum(index.range_start[:, qb].long(), e)
-    in_ranges = ((prefix.gather(2, e) - prefix.gather(2, st)) * r_valid).sum(-1)
-    cols = index.columns[:, qb].long()  # [H, n, C]
-    c_valid = (torch.arange(cols.shape[2], device=rows.device) < index.column_count[:, qb, None]) & (cols < p1)
-    in_cols = (probs.gather(2, cols.clamp(max=s - 1)).double() * c_valid).sum(-1)
-    return (in_ranges + in_cols).float()
+    p1 = (rows + 1).view(n, 1)
+    r_ids = torch.arange(index.range_start.shape[2], device=rows.device)
+    c_ids = torch.arange(index.columns.shape[2], device=rows.device)
+    out = torch.empty(index.num_heads, n, dtype=torch.float32, device=rows.device)
+    for h in range(index.num_heads):  # one head at a time: [n, R] and [n, C] transients
+        e = torch.minimum(index.range_end[h, qb].long(), p1)  # [n, R]
+        st = torch.minimum(index.range_start[h, qb].long(), e)
+        in_ranges = ((prefix[h].gather(1, e) - prefix[h].gather(1, st)) * (r_ids < index.range_count[h, qb, None])).sum(-1)
+        cols = index.columns[h, qb].long()  # [n, C]
+        c_valid = (c_ids < index.column_count[h, qb, None]) & (cols < p1)
+        in_cols = (probs[h].gather(1, cols.clamp(max=s - 1)).double() * c_valid).sum(-1)
+        out[h] = in_ranges + in_cols
+    return out
 
 
 def grouped_values(v: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
@@ -209,9 +218,18 @@ def sample_values(sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor,
 def output_errors(index: SparseIndex, sample: RowSample, values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """``[H, n]`` each sampled row's relative output error under ``index`` (``output_quality``)."""
     vg, dense = values
-    kept = sample.probs * rows_mask(index, sample.blocks, sample.probs.shape[2])  # [H, n, S]
-    sparse = attend(kept, vg) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
-    return ((sparse - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+    per = sample.probs.shape[0] // vg.shape[0]
+    out = []
+    for g in range(vg.shape[0]):  # one group of heads at a time: its mask and masked probabilities only
+        heads = slice(g * per, (g + 1) * per)
+        mask = rows_mask(index.select_heads(list(range(g * per, (g + 1) * per))), sample.blocks,
+                         sample.probs.shape[2])  # [per, n, S]
+        kept = sample.probs[heads].masked_fill(~mask, 0.0)
+        del mask
+        sparse = attend(kept, vg[g : g + 1]) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        ref = dense[heads]
+        out.append(((sparse - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0))
+    return torch.cat(out)
 
 
 def output_quality(index: SparseIndex, sample: RowSample, v: torch.Tensor, kv_heads: torch.Tensor,
@@ -291,7 +309,8 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[PatternMo
         masses, errors = [], []
         for c, spec in enumerate(candidates):
             index = build(spec, inp)
-            kept[c] += kept_pairs_by_head(index).cpu()
+            for h in range(hq):  # per head: the transients of one head's ranges
+                kept[c, h] += int(kept_pairs(index.select_heads([h])))
             if mine:
                 masses.append(kept_mass(index, sample))
                 if values is not None:

@@ -151,12 +151,7 @@ def sink_window_intervals(bs: torch.Tensor, be: torch.Tensor, sink: torch.Tensor
 
 def kept_pairs(index: SparseIndex) -> torch.Tensor:
     """Causal (query, key) pairs the index keeps over all its heads: a 0-d int64 tensor on the
-    index's device (no host sync), in ``O(H * NQB * (R + C))``."""
-    return kept_pairs_by_head(index).sum()
-
-
-def kept_pairs_by_head(index: SparseIndex) -> torch.Tensor:
-    """``[H]`` int64: the causal (query, key) pairs each head of the index keeps (no host sync).
+    index's device (no host sync), in ``O(H * NQB * (R + C))``.
 
     For a range ``[s, e)`` and the queries ``p`` of a block ``[bs, be)``, query ``p`` keeps
     ``clamp(min(e, p + 1) - s, 0)`` keys: an arithmetic series while ``p`` is inside the range,
@@ -170,10 +165,10 @@ def kept_pairs_by_head(index: SparseIndex) -> torch.Tensor:
     n = (b - a).clamp(min=0)  # queries inside the range: p - s + 1 for p in [a, b)
     series = n * (a - s + 1) + n * (n - 1) // 2
     after = (be - torch.maximum(bs, e)).clamp(min=0) * (e - s)  # queries past the range end
-    kept = ((series + after) * r_live).sum((1, 2))
+    kept = ((series + after) * r_live).sum()
     c_live = torch.arange(index.columns.shape[2], device=index.device) < index.column_count[..., None]
     c = index.columns.long()
-    return kept + ((be - torch.maximum(bs, c)).clamp(min=0) * c_live).sum((1, 2))
+    return kept + ((be - torch.maximum(bs, c)).clamp(min=0) * c_live).sum()
 
 
 def fast_density(index: SparseIndex) -> float:
