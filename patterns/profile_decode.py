@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .base import PatternModel
-from .profile import RowSample, ScoreTotals, attend
+from .profile import ScoreTotals
+from .profile_sample import RowSample, attend
 from .profile_decode_rules import DECODE_MODES
 
 DECODE_CHOICES = ("optimize", *DECODE_MODES)  # --decode: the optimised choice, or a rule
@@ -79,7 +80,7 @@ def decode_kept_mass(spec: PatternModel, sample: RowSample, rows: torch.Tensor) 
 def decode_output_quality(spec: PatternModel, sample: RowSample, rows: torch.Tensor,
                           values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """``[H]`` one minus the relative error of the answer rows' attention output when they read
-    only ``spec``'s tokens (``profile.output_quality`` for a decode selection). ``values``: the
+    only ``spec``'s tokens (``profile_sample.output_quality`` for a decode selection). ``values``: the
     sample's ``sample_values``. Holds one masked copy of the answer rows' probabilities."""
     grouped, dense = values
     probs = sample.probs[:, rows]  # [H, n, S]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .base import PatternModel
-from .profile import RowSample
+from .profile_sample import RowSample
 
 DECODE_MODES = ("auto", "tidal", "matched", "dense")  # the rules of ``decode_for``
 

@@ -12,8 +12,8 @@ from headwise.patterns.dense import Dense
 from headwise.patterns.elastic_window import ElasticWindow
 from headwise.patterns.plan import ModelGeometry, Plan
 from headwise.patterns.prefill import build_prefill
-from headwise.patterns.profile import (RowSample, choose_patterns, default_candidates, kept_mass, rows_mask,
-                                       sample_blocks, score_layer)
+from headwise.patterns.profile import choose_patterns, default_candidates, score_layer
+from headwise.patterns.profile_sample import RowSample, kept_mass, rows_mask, sample_blocks
 from headwise.patterns.profile_decode_rules import decode_for, default_select_layers
 from headwise.patterns.strided import Strided
 from headwise.patterns.vertical_slash import VerticalSlash
@@ -276,7 +276,7 @@ def test_select_layers_dp_matches_brute_force(seed):
 
 def test_output_quality_is_the_relative_error_of_the_masked_softmax_output():
     """Against a direct computation: softmax over the kept keys only, times V, vs dense."""
-    from headwise.patterns.profile import output_quality
+    from headwise.patterns.profile_sample import output_quality
 
     g = torch.Generator().manual_seed(3)
     s, hq, hkv, d = 384, 4, 2, 16
