@@ -1,6 +1,6 @@
 """The CUDA step plan, run on CPU tensors with recording stand-ins for the GPU kernels.
 
-On CUDA the builder plans one launch per layer (``metadata.BatchedWork``): FlashAttention for the
+On CUDA the builder plans one launch per layer (``cuda_step.BatchedWork``): FlashAttention for the
 rows a layer attends densely, one varlen launch of the sparse kernel for every sparse prefill row,
 FlashAttention for the heads of whole dense GQA groups, then the decode rows. Here the builder and
 impl run with ``batched=True`` on CPU; ``flash`` is a torch stand-in with FlashAttention's contract

@@ -18,7 +18,7 @@ static index and every op schedule; per layer this module only
   from q and k, the index built here from this layer's queries and the request's cached keys;
   then vLLM's op over the cache pages (CPU) or the sparse prefill kernel.
 
-On CUDA the step is planned for one launch per layer (``metadata.BatchedWork``, ``_forward_batched``):
+On CUDA the step is planned for one launch per layer (``cuda_step.BatchedWork``, ``_forward_batched``):
 FlashAttention for every row the layer attends densely, one varlen launch of the sparse kernel for
 all its sparse prefill rows, FlashAttention again for the heads of whole dense GQA groups, then the
 decode rows; nothing in that path reads a device value back to the host.
@@ -41,7 +41,8 @@ from headwise.kernels.varlen import VarlenIndex
 from headwise.patterns.ranges import kept_pairs
 
 from . import cpu_ops, runner
-from .metadata import BatchedWork, HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
+from .cuda_step import BatchedWork
+from .metadata import HeadwiseMetadata, OpTarget, PrefillRow, prefill_work
 from .kv_cache import read_kv, split_kv, write_kv
 from .plan_binding import LayerBinding, PlanBinding, layer_index, worker_binding
 from .stats import get_recorder

@@ -22,7 +22,7 @@
 
 ``HeadwiseImpl`` (``impl.py``) runs per layer over this metadata; ``backend.py`` registers both.
 
-On CUDA (``batched``) the step is planned for one launch per layer instead (``BatchedWork``): the
+On CUDA (``batched``) the step is planned for one launch per layer instead (``cuda_step``): the
 sparse prefill rows of every layer run as one varlen launch of the sparse kernel (the static
 groups' packed indices built here; estimated ones packed per layer on the step's ``VarlenLayout``),
 and dense rows, dense layers and heads whose whole GQA group is dense run on vLLM's FlashAttention
@@ -44,12 +44,11 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
 from headwise.kernels.index import SparseIndex
-from headwise.kernels.varlen import VarlenIndex, VarlenLayout
 from headwise.patterns.prefill import build_layer_prefill_index
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
-from . import cpu_ops, cuda_ops, pages, runner
+from . import cpu_ops, cuda_ops, cuda_step, pages, runner
 from .plan_binding import LayerBinding, PlanBinding, worker_binding
 from .stats import StatsRecorder, init_recorder, stats_dir_from_env
 from .timing import step_phase
@@ -118,26 +117,6 @@ def prefill_work(index: SparseIndex, block_row: torch.Tensor, row: PrefillRow, n
 
 
 @dataclass
-class BatchedWork:
-    """CUDA: the step as one launch per layer (``impl.HeadwiseImpl._forward_batched``).
-
-    ``rows``/``layout``: the prefill rows the sparse kernel runs, where their queries sit (every
-    prefill row, less the dense ones when FlashAttention runs them); ``static``: per static layer
-    signature, those rows' packed index (heads of whole dense GQA groups emptied when FlashAttention
-    runs them); ``flash_rows[(layer prefill dense, layer decode dense)]``: the FlashAttention call
-    over the rows that layer attends densely (None: none); ``flash_heads``: every prefill row, for
-    a sparse layer's dense KV groups."""
-
-    rows: list[PrefillRow]
-    layout: VarlenLayout | None
-    static: dict[int, VarlenIndex]
-    flash: bool  # FlashAttention runs this cache (fp16/bf16) and is available
-    flash_row_pairs: int = 0  # causal pairs per head of the prefill rows FlashAttention runs (dense rows)
-    flash_rows: dict[tuple[bool, bool], cuda_ops.FlashCall | None] = field(default_factory=dict)
-    flash_heads: cuda_ops.FlashCall | None = None
-
-
-@dataclass
 class HeadwiseMetadata:
     num_actual_tokens: int
     block_table: torch.Tensor  # [B, max_blocks] int32
@@ -159,7 +138,7 @@ class HeadwiseMetadata:
     all_rows_dense: bool = False  # every prefill row below dense_below and every decode row too
     step_cache: dict = field(default_factory=dict)  # per-step scratch shared by layers (dynamic work)
     step: int = 0
-    batched: BatchedWork | None = None  # CUDA: one launch per layer (None: the per-row CPU path)
+    batched: cuda_step.BatchedWork | None = None  # CUDA: one launch per layer (None: the per-row CPU path)
     max_seq_len: int | None = None  # the engine's max model length: fixed selection shapes
 
 
@@ -283,7 +262,8 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
         n_dense_pre = sum(r.dense for r in rows)
         batched = None
         if self.batched:
-            batched, pairs = self._batched_work(rows, cm, is_decode)
+            batched, pairs = cuda_step.plan(rows, cm, is_decode, self.binding, self.groups, self.flash,
+                                            self.dense_below, self.device, self.max_seq_len)
             md_static = {}
         else:
             md_static = self._static_work(rows, block_table)
@@ -340,64 +320,6 @@ class HeadwiseMetadataBuilder(AttentionMetadataBuilder[HeadwiseMetadata]):
                     cache=cache)
                 work[(sig, i)] = prefill_work(index, block_table[row.req], row, len(lb.heads), self.op)
         return work
-
-    # ------------------------------------------------------------------ CUDA: one launch per layer
-    def _batched_work(self, rows: list[PrefillRow], cm: CommonAttentionMetadata,
-                      is_decode: torch.Tensor) -> tuple[BatchedWork, dict[int, tuple[int, int]]]:
-        """The step's launches (the kernel rows' layout and static indices, the FlashAttention calls)
-        and, per static signature, the (kept, causal) pairs of its prefill rows over the local heads."""
-        settings = self.binding.settings
-        kernel_rows = [r for r in rows if not (self.flash and r.dense)]
-        layout = VarlenLayout.of([r.q_len for r in kernel_rows], [r.q_offset for r in kernel_rows],
-                                 [r.start for r in kernel_rows], [r.req for r in kernel_rows],
-                                 block_m=settings.block_size, device=self.device) if kernel_rows else None
-        work = BatchedWork(kernel_rows, layout, {}, self.flash,
-                           flash_row_pairs=sum(r.causal_pairs for r in rows if self.flash and r.dense))
-        heads = self.binding.local_heads
-        # rows FlashAttention runs keep every pair: dense rows, and every row of a dense layer
-        full = sum(r.causal_pairs for r in rows) * heads
-        pairs = dict.fromkeys(self.groups, (full, full))
-        flash_only = work.flash_row_pairs * heads
-        cache: dict = {}
-        for sig, group in self.groups.items():
-            lb = group[0]
-            if layout is None or (self.flash and lb.prefill_dense):
-                continue
-            parts = [build_layer_prefill_index(
-                lb.prefill_specs, lb.heads, lb.num_layer_heads, None, None, lb.kv_heads, row.q_offset,
-                row.total_len, settings.block_size, q_len=row.q_len, num_layer_kv_heads=lb.num_layer_kv_heads,
-                dense_below=self.dense_below, dense_tail=settings.dense_tail if row.ends_prompt else 0,
-                cache=cache) for row in kernel_rows]
-            kept = sum(round(fast_density(p) * r.causal_pairs * heads) for p, r in zip(parts, kernel_rows))
-            pairs[sig] = (kept + flash_only, full)
-            if self.flash and lb.dense_kv_runs:
-                parts = [runner.without_heads(p, lb.dense_run_mask) for p in parts]
-            work.static[sig] = VarlenIndex.pack(parts, device=self.device, layout=layout)
-        if self.flash:
-            b = cm.num_reqs
-            dec = is_decode.tolist()
-            dense_row = [False] * b
-            for r in rows:
-                dense_row[r.req] = r.dense
-            for pre_dense in (False, True):
-                for dec_dense in (False, True):
-                    live = [(d and dec_dense) or (not d and (pre_dense or dr)) for d, dr in zip(dec, dense_row)]
-                    work.flash_rows[(pre_dense, dec_dense)] = self._flash_call(cm, live)
-            work.flash_heads = self._flash_call(cm, [not d for d in dec]) if layout is not None else None
-        return work, pairs
-
-    def _flash_call(self, cm: CommonAttentionMetadata, live: list[bool]) -> cuda_ops.FlashCall | None:
-        """FlashAttention over the whole batch; rows not ``live`` get no keys (skipped). Every row
-        live: vLLM's own persistent tensors, so a captured graph reads the next step's values."""
-        if not any(live):
-            return None
-        b = cm.num_reqs
-        seq = cm.seq_lens[:b]
-        if not all(live):
-            seq = seq * torch.tensor(live, dtype=seq.dtype).to(seq.device, non_blocking=True)
-        return cuda_ops.FlashCall(cm.query_start_loc[:b + 1], cm.max_query_len, seq,
-                                  self.max_seq_len or cm.max_seq_len, cm.block_table_tensor[:b],
-                                  slice(0, cm.num_actual_tokens))
 
     def _record_static(self, pairs: dict[int, tuple[int, int]], d_seq) -> None:
         """Kept/causal pairs of the static prefill layers and dense decode layers, once per step."""
