@@ -9,6 +9,7 @@ import torch
 
 from headwise.patterns.a_shape import AShape
 from headwise.patterns.base import PrefillInputs
+from headwise.patterns.block_sparse import BlockSparse
 from headwise.patterns.dense import Dense
 from headwise.patterns.elastic_window import ElasticWindow
 from headwise.patterns.prefill import build_prefill
@@ -86,29 +87,37 @@ def test_a_retrieval_head_keeps_its_needle_only_under_patterns_that_reach_it():
     assert (score.density[:, 1:] < 0.5).all()
 
 
-def test_a_long_prompt_is_scored_chunk_by_chunk_as_serving_builds_its_indices():
+_CHUNK_S = 700  # chunks of 256: [0, 256), [256, 512), [512, 700), the samples in the last two
+
+
+def _chunk_case():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(_CHUNK_S, h, D, generator=g) for h in (HQ, HKV, HKV))
+    return q, k, v
+
+
+_CHUNK_CANDIDATES = [Dense(), AShape(sink=16, window=64),
+                     VerticalSlash(vertical=8, slash=4, local_diagonals=2, sink_columns=4),
+                     BlockSparse(top_k=3), Strided(local_blocks=1, vert_stride=3)]
+
+
+@pytest.mark.parametrize("chunk", [256, None])  # None: the whole prompt as one chunk
+def test_a_long_prompt_is_scored_chunk_by_chunk_as_serving_builds_its_indices(chunk):
     """``score_layer(chunk=)`` against dense masks: every chunk's index built over the keys up to its
     last query (as chunked prefill builds it), density over all chunks, mass and output quality of
-    the sampled rows under their own chunk's index; one chunk (``chunk`` >= the prompt) is the
-    whole-prompt scoring."""
-    from headwise.patterns.block_sparse import BlockSparse
-
-    g = torch.Generator().manual_seed(11)
-    s, chunk = 700, 256  # chunks [0, 256), [256, 512), [512, 700): samples in the last two
-    q, k, v = torch.randn(s, HQ, D, generator=g), torch.randn(s, HKV, D, generator=g), torch.randn(s, HKV, D, generator=g)
+    the sampled rows under their own chunk's index."""
+    q, k, v = _chunk_case()
+    s, step = _CHUNK_S, chunk or _CHUNK_S
     kv_heads = torch.arange(HQ) // (HQ // HKV)
-    cands = [Dense(), AShape(sink=16, window=64), VerticalSlash(vertical=8, slash=4, local_diagonals=2, sink_columns=4),
-             BlockSparse(top_k=3), Strided(local_blocks=1, vert_stride=3)]
-    score = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, chunk=chunk, n_blocks=4)
+    score = score_layer(q, k, _CHUNK_CANDIDATES, layer_heads=HQ, layer_kv_heads=HKV, v=v, chunk=chunk, n_blocks=4)
     whole = RowSample.from_qk(q, k, kv_heads, n_blocks=4)
-    assert {b * 64 // chunk for b in whole.blocks} == {1, 2}
     vh = v[:, kv_heads].transpose(0, 1)
     dense_out = whole.probs @ vh
     causal = torch.tril(torch.ones(s, s, dtype=torch.bool))
-    for c, spec in enumerate(cands):
+    for c, spec in enumerate(_CHUNK_CANDIDATES):
         mask = torch.zeros(HQ, s, s, dtype=torch.bool)
-        for c0 in range(0, s, chunk):
-            c1 = min(s, c0 + chunk)
+        for c0 in range(0, s, step):
+            c1 = min(s, c0 + step)
             inp = PrefillInputs(heads=list(range(HQ)), num_layer_heads=HQ, q_offset=c0, q_len=c1 - c0, total_len=s,
                                 q=q[c0:c1], k=k[:c1], kv_heads=kv_heads, num_layer_kv_heads=HKV)
             mask[:, c0:c1, :c1] = build_prefill(spec, inp).to_dense_mask()
@@ -121,11 +130,18 @@ def test_a_long_prompt_is_scored_chunk_by_chunk_as_serving_builds_its_indices():
         np.testing.assert_allclose(score.quality[:, c], (1 - err).mean(-1).numpy(), atol=1e-4)
     # the answer rows the decode scorers read: the last sampled block, over the keys up to its chunk's end
     assert score.sample.blocks[-1] == whole.blocks[-1] and score.sample.probs.shape[2] == s
-    one = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, chunk=s, n_blocks=4)
-    full = score_layer(q, k, cands, layer_heads=HQ, layer_kv_heads=HKV, v=v, n_blocks=4)
-    assert np.array_equal(one.mass, full.mass) and np.array_equal(one.density, full.density)
-    # chunking changes what the dynamic patterns keep (their estimate sees only its chunk's queries)
-    assert not np.allclose(one.density[:, 2:4], score.density[:, 2:4])
+
+
+def test_chunking_changes_what_the_dynamic_patterns_keep():
+    """The estimated patterns (vertical-slash, block-sparse) see only their chunk's queries, so the
+    chunked scoring is not the whole-prompt one; position-only patterns keep the same pairs."""
+    q, k, v = _chunk_case()
+    kv_heads = torch.arange(HQ) // (HQ // HKV)
+    assert {b * 64 // 256 for b in RowSample.from_qk(q, k, kv_heads, n_blocks=4).blocks} == {1, 2}
+    chunked = score_layer(q, k, _CHUNK_CANDIDATES, layer_heads=HQ, layer_kv_heads=HKV, chunk=256, n_blocks=4)
+    whole = score_layer(q, k, _CHUNK_CANDIDATES, layer_heads=HQ, layer_kv_heads=HKV, n_blocks=4)
+    assert not np.allclose(chunked.density[:, 2:4], whole.density[:, 2:4])
+    np.testing.assert_allclose(chunked.density[:, [0, 1, 4]], whole.density[:, [0, 1, 4]], rtol=1e-12)
 
 
 def test_default_candidates_scale_with_length_and_are_unique():
