@@ -16,7 +16,7 @@ import torch
 
 from .dispatch import triton_estimate
 
-_CHUNK_ELEMS = 1 << 24  # ~64 MB of fp32 scores at a time; bounds memory at long lengths
+_CHUNK_ELEMS = 1 << 22  # ~16 MB of fp32 scores at a time; bounds memory at long lengths
 
 
 def _scale(d: int, scale: float | None) -> float:

@@ -89,6 +89,12 @@ class SparseIndex:
         return self.q_offset + self.q_len
 
     @property
+    def nbytes(self) -> int:
+        """Bytes its tensors hold."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.range_start, self.range_end, self.range_count, self.columns, self.column_count))
+
+    @property
     def device(self) -> torch.device:
         return self.range_count.device
 

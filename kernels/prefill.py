@@ -34,6 +34,7 @@ from .prefill_plan import (BIG, HeadPlan, band_chunk, block_bounds, far_keys, he
                            nested_far, own_range, plan_heads, prefix_chunks, row_tensors)
 
 PAIR_BUDGET = 1 << 22  # (query, key) pairs per call: bounds masks (8 MB in bf16) and gathers
+QUERY_BUDGET = 1 << 13  # query rows per far call: bounds its q copy, output and mask rows when key lists are short
 GATHER_KEYS = 1 << 14  # key rows one gather of per-row far keys copies (4 MiB of fp32 K at head dim 64)
 SPAN_MIN = 1 << 12  # a row keeping all of its far keys [0, far_start) this long reads them as a view
 _NEG_INF = float("-inf")
@@ -42,11 +43,11 @@ _NEG_INF = float("-inf")
 def _band_bias(band: int, m: int, bm: int, stacked: int, dtype, device) -> torch.Tensor:
     """Relative mask of a chunk of ``m`` queries over keys ``[cs - band, cs + m)``: query i (block
     i // bm) sees key r from its block's band start to itself. ``[1, 1, stacked * m, band + m]``."""
-    i = torch.arange(m, device=device)[:, None]
+    i = torch.arange(m, device=device).repeat(stacked)[:, None]  # heads stacked: the same rows again
     r = torch.arange(band + m, device=device)[None, :]
-    ok = (r >= (i // bm) * bm) & (r <= band + i)
-    bias = torch.zeros(m, band + m, dtype=dtype, device=device).masked_fill_(~ok, _NEG_INF)
-    return bias.repeat(stacked, 1)[None, None]
+    bias = torch.zeros(stacked * m, band + m, dtype=dtype, device=device)
+    bias.masked_fill_(r < (i // bm) * bm, _NEG_INF)  # before the block's band (one bool temporary at a time)
+    return bias.masked_fill_(r > band + i, _NEG_INF)[None, None]  # after the query itself
 
 
 def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
@@ -68,7 +69,7 @@ def _near_band(acc: Out, qp, kh, vh, index: SparseIndex, plans: list[HeadPlan], 
     heads = sorted(h for p in plans for h in p.heads)
     bm, b, s, g = index.block_m, plans[0].band, len(heads), plans[0].kv_head
     rows = torch.nonzero(common).view(-1)
-    k = band_chunk(b, rows.numel(), s, bm)
+    k = band_chunk(b, rows.numel(), s, bm, PAIR_BUDGET)
     leftover: list[int] = []
     for r0, r1 in _runs(rows):
         n_items = (r1 - r0) // k
@@ -100,6 +101,12 @@ def _near_rows(acc: Out, qp, kh, vh, index: SparseIndex, heads: list[int], g: in
     """Rows (a 1-d tensor of blocks) over their windows ``[bs - b, bs + bm)``, one block per item:
     with the shared band mask, or causal when ``b`` is 0, or under a per-row ``bias [n, 1, bm, bm]``."""
     bm, s = index.block_m, len(heads)
+    per = max(1, QUERY_BUDGET // (s * bm))  # rows per call: bounds the call's query copy and output
+    if rows.numel() > per:
+        for i in range(0, rows.numel(), per):
+            _near_rows(acc, qp, kh, vh, index, heads, g, rows[i:i + per], b, scale,
+                       None if bias is None else bias[i:i + per])
+        return
     first_row = int(rows.min())
     span = int(rows.max()) - first_row + 1
     first = index.q_offset + first_row * bm - b
@@ -205,10 +212,12 @@ def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: fl
         kv_id[i, : keys.numel()] = p.kv_head * head_step + keys * key_step
     rows = torch.nonzero(m_all.amax(0) > 0).view(-1)
     m_max = m_all[:, rows].amax(0).tolist()
+    m_low = m_all[:, rows].amin(0).tolist()  # per row, the fewest keys any plan sees
     heads = [h for it in items for h in it[0].heads]
     one_view = s == 1 and adjacent(heads)
     per_row = s * bm * len(items)  # queries of one row across the batch
-    for i, j, w in prefix_chunks(m_max, max(1, PAIR_BUDGET // per_row), per_row):
+    for i, j, w in prefix_chunks(m_max, max(1, PAIR_BUDGET // per_row), per_row,
+                                 max_rows=max(1, QUERY_BUDGET // per_row)):
         n = j - i
         rows_i = rows[None, i:j]
         m = m_all[:, rows[i:j]]  # [P, n]
@@ -224,10 +233,7 @@ def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: fl
             ids = kv_id[:, k0:k1].reshape(-1)
             kg = k_flat.index_select(0, ids).view(len(items), 1, k1 - k0, d)
             vg = v_flat.index_select(0, ids).view(len(items), 1, k1 - k0, d)
-            bias = torch.zeros(len(items), n, k1 - k0, dtype=qp.dtype, device=dev)
-            bias.masked_fill_(torch.arange(k0, k1, device=dev) >= m[..., None], _NEG_INF)
-            bias = bias.repeat_interleave(bm, dim=1)  # [P, n * bm, kw]
-            bias = (bias if s == 1 else bias.repeat(1, s, 1))[:, None]  # [P, 1, S * n * bm, kw]
+            bias = _prefix_bias(m, k0, k1, s, bm, m_low[i:j], qp.dtype)
             o, l = flash(q, kg, vg, bias, scale=scale)
             l = l.reshape(len(items), s, n, bm)
             l = torch.where((m > k0)[:, None, :, None], l, _NEG_INF)  # a plan's row without keys in the slice
@@ -236,6 +242,22 @@ def _far_nested(acc: Out, qp, kh, vh, index: SparseIndex, items: list, scale: fl
             else:
                 for it, oi, li in zip(items, o, l):
                     acc.merge(it[0].heads, rows_i, oi.view(1, s, n * bm, d), li.reshape(1, s, n * bm))
+
+
+def _prefix_bias(m: torch.Tensor, k0: int, k1: int, s: int, bm: int, m_low: list[int], dtype) -> torch.Tensor | None:
+    """Mask of a nested far call over key slice ``[k0, k1)``, plan p's row r seeing its first
+    ``m [P, n]`` keys; queries are heads x rows x ``bm``. None when every row sees the whole slice;
+    one mask row per plan when the call has one row (long key lists: strided shards, columns)."""
+    if min(m_low) >= k1:
+        return None
+    p, n = m.shape
+    if n == 1:
+        return torch.zeros(p, 1, 1, k1 - k0, dtype=dtype, device=m.device).masked_fill_(
+            torch.arange(k0, k1, device=m.device) >= m[:, :, None, None], _NEG_INF)
+    # [P, heads, rows, bm, kw] filled from a per-row comparison broadcast over heads and queries
+    bias = torch.zeros(p, s, n, bm, k1 - k0, dtype=dtype, device=m.device)
+    bias.masked_fill_(torch.arange(k0, k1, device=m.device) >= m[:, None, :, None, None], _NEG_INF)
+    return bias.view(p, 1, s * n * bm, k1 - k0)
 
 
 def _far_rows(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, n_far: torch.Tensor,

@@ -113,12 +113,16 @@ def plan_heads(index: SparseIndex, heads: list[int], group: int, avail: torch.Te
     return HeadPlan(heads, h0 // group, j, band, regular, short, broken, far_start)
 
 
-def band_chunk(band: int, rows: int, stacked: int, block_m: int) -> int:
+def band_chunk(band: int, rows: int, stacked: int, block_m: int, pair_budget: int | None = None) -> int:
     """Blocks per near call: wider chunks share K/V among more queries but read keys that only
-    the chunk's first blocks need (``band + chunk`` keys per query)."""
+    the chunk's first blocks need (``band + chunk`` keys per query). With ``pair_budget``, a chunk
+    stays within it (the call's band mask holds that many entries): a wide band at long context
+    runs one block per call rather than a mask of 16 blocks x the band."""
     best, best_cost = 1, None
     k = 1
     while k <= max(1, rows) and k <= 16:
+        if k > 1 and pair_budget is not None and stacked * k * block_m * (band + k * block_m) > pair_budget:
+            break
         cost = (band + k * block_m) * pair_cost(stacked * k * block_m)
         if best_cost is None or cost < best_cost:
             best, best_cost = k, cost
@@ -230,15 +234,17 @@ def nested_far(index: SparseIndex, head: int, rows: torch.Tensor, far_start: tor
 CALL_PAIRS = 150_000  # one more call (plus its merge) costs about as much as this many padded pairs
 
 
-def prefix_chunks(m: list[int], per_query_budget: int, queries_per_row: int = 64, slack: float = 0.15):
+def prefix_chunks(m: list[int], per_query_budget: int, queries_per_row: int = 64, slack: float = 0.15,
+                  max_rows: int | None = None):
     """Runs ``(i, j, L)`` of consecutive rows sharing the first ``L`` keys of a list, row r seeing
     its first ``m[r]``. A run grows while its padding (pairs computed but masked) stays within
     ``slack`` of the pairs its rows need plus ``CALL_PAIRS`` (what a separate call would cost),
-    and ``(j - i) * L <= per_query_budget``."""
+    ``(j - i) * L <= per_query_budget`` and ``j - i <= max_rows`` (short key lists: the run's
+    queries, their outputs and mask rows are what fills memory, not the pairs)."""
     i = 0
     while i < len(m):
         j, width, need = i + 1, m[i], m[i]
-        while j < len(m):
+        while j < len(m) and (max_rows is None or j - i < max_rows):
             w2 = max(width, m[j])
             padded = (j + 1 - i) * w2
             waste = (padded - need - m[j]) * queries_per_row

@@ -32,6 +32,27 @@ def _on(index: SparseIndex, device) -> SparseIndex:
     return index if index.device == torch.device(device) else index.to(device)
 
 
+class IndexCache(dict):
+    """Static indices shared by layers, kept while their bytes stay within ``max_bytes``.
+
+    The transformers path runs a long prompt chunk by chunk in every layer, so a cache for the
+    whole forward would hold every chunk's index at once (at 128K, tens of MiB for a strided plan,
+    more than the attention itself needs). Past the budget an index is built, used and dropped:
+    the first chunks stay shared by every layer, the rest are rebuilt per layer (static patterns
+    are cheap to build). ``max_bytes=None``: unbounded, like a plain dict."""
+
+    def __init__(self, max_bytes: int | None = None):
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def __setitem__(self, key, index: SparseIndex) -> None:
+        size = index.nbytes
+        if key in self or self.max_bytes is None or self.bytes + size <= self.max_bytes:
+            self.bytes += size - (self[key].nbytes if key in self else 0)
+            super().__setitem__(key, index)
+
+
 def _static_key(spec: Any, inp: PrefillInputs) -> tuple:
     # Head-independent patterns are the same for every head: key on the head count only.
     heads_key: Any = len(inp.heads) if spec.type in families.HEAD_INDEPENDENT else tuple(inp.global_kv_heads())
@@ -106,9 +127,9 @@ def build_layer_prefill_index(
             scale=scale)
         if cache is not None and is_static(spec):
             key = _static_key(spec, inp)
-            if key not in cache:
-                cache[key] = _on(build_prefill(spec, inp), device)
-            part = cache[key]
+            part = cache.get(key)
+            if part is None:
+                part = cache[key] = _on(build_prefill(spec, inp), device)  # an IndexCache may not keep it
         else:
             key, part = None, _on(build_prefill(spec, inp), device)
         parts.append(part)
@@ -126,9 +147,10 @@ def build_layer_prefill_index(
         return with_dense_tail(index, dense_tail)
     # one shared static index: its tailed copy is shared too
     tailed = ("dense_tail", keys[0], dense_tail)
-    if tailed not in cache:
-        cache[tailed] = with_dense_tail(index, dense_tail)
-    return cache[tailed]
+    part = cache.get(tailed)
+    if part is None:
+        part = cache[tailed] = with_dense_tail(index, dense_tail)
+    return part
 
 
 def with_dense_tail(index: SparseIndex, tail: int) -> SparseIndex:

@@ -9,7 +9,7 @@ from headwise.patterns.a_shape import AShape
 from headwise.patterns.base import PrefillInputs
 from headwise.patterns.block_sparse import BlockSparse
 from headwise.patterns.dense import Dense
-from headwise.patterns.prefill import build_layer_prefill_index, build_prefill, is_static
+from headwise.patterns.prefill import IndexCache, build_layer_prefill_index, build_prefill, is_static
 from headwise.patterns.strided import Strided
 from headwise.patterns.vertical_slash import VerticalSlash
 
@@ -64,6 +64,26 @@ def test_static_groups_are_shared_through_the_step_cache():
     d = build_layer_prefill_index(specs, list(range(H)), H, None, None, None, 0, 300, q_len=300, cache=cache,
                                   dense_tail=10)
     assert c is d and c is not a and bool(c.to_dense_mask()[:, 299].all()) and not bool(a.to_dense_mask()[:, 299].all())
+
+
+def test_a_bounded_cache_keeps_indices_up_to_its_budget_and_builds_the_rest_each_time():
+    specs = [Strided(local_blocks=1, vert_stride=3)] * H
+
+    def chunk(cache, c0):  # one 128-query chunk of a 640-token prompt, as the transformers path cuts it
+        return build_layer_prefill_index(specs, list(range(H)), H, None, None, None, c0, 640, q_len=128,
+                                         cache=cache)
+
+    unbounded = IndexCache()
+    sizes = [chunk(unbounded, c0).nbytes for c0 in range(0, 640, 128)]
+    assert len(unbounded) == 5 and unbounded.bytes == sum(sizes) and sizes[4] > sizes[0]  # later chunks see more keys
+    budget = sizes[0] + sizes[1]  # room for the first two chunks' indices, not for a third
+    cache = IndexCache(budget)
+    built = [chunk(cache, c0) for c0 in range(0, 640, 128)]
+    assert len(cache) == 2 and cache.bytes == budget
+    again = [chunk(cache, c0) for c0 in range(0, 640, 128)]  # the next layer
+    assert [a is b for a, b in zip(built, again)] == [True, True, False, False, False]
+    for a, b in zip(built, again):  # a rebuilt index is the same index
+        assert torch.equal(a.to_dense_mask(), b.to_dense_mask())
 
 
 def test_dense_below_and_all_dense_give_the_dense_index():

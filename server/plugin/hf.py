@@ -35,6 +35,7 @@ import torch
 
 from headwise.kernels.index import DecodeMode, DecodeSelection, SparseIndex
 from headwise.patterns.plan import Plan, load_plan
+from headwise.patterns.prefill import IndexCache
 from headwise.patterns.ranges import fast_density
 from headwise.patterns.tidal import TidalState
 
@@ -46,6 +47,7 @@ ATTN_NAME = "headwise"
 # Prompts up to 8K (the evals, the profiler's lengths) still run whole; ``attach_plan(chunk=2048)``
 # splits them where `headwise serve` on CPU does (vLLM's default --max-num-batched-tokens there)
 PREFILL_CHUNK = 8192
+STATIC_INDEX_BYTES = 16 << 20  # static indices kept for the layers of one forward (a long prompt's chunks past it are rebuilt)
 # capture(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) for one request's whole prompt (after RoPE)
 CaptureFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -65,7 +67,7 @@ class HeadwiseRuntime:
         self.binding = PlanBinding(plan) if plan is not None else None
         self.capture = capture
         self.tidal: TidalState | None = None
-        self._static_cache: dict = {}  # static indices shared by the layers of one forward
+        self._static_cache = IndexCache(STATIC_INDEX_BYTES)  # static indices shared by the layers of one forward
         self.kept = {"prefill": 0.0, "decode": 0.0}  # keys attended, summed over (layer, head, query)
         self.causal = {"prefill": 0.0, "decode": 0.0}  # keys dense attention would attend
 
@@ -84,7 +86,7 @@ class HeadwiseRuntime:
 
     def start_forward(self) -> None:
         """Called by layer 0: per-forward caches start empty."""
-        self._static_cache = {}
+        self._static_cache = IndexCache(STATIC_INDEX_BYTES)
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

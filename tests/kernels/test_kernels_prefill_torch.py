@@ -180,6 +180,11 @@ def test_planner_finds_the_structure():
     assert (p.dense_rows, p.band) == (3, 149)
     assert bool(p.regular[3:].all()) and not bool(p.short.any() | p.broken.any())
     assert band_chunk(1023, 100, 3, 64) > 1 and band_chunk(63, 100, 1, 64) == 1
+    # under a pair budget the chunk's band mask stays within it; one block per call when even two overflow
+    for band, budget in [(1023, 1 << 18), (1023, 1 << 22), (16384, 1 << 22), (16384, 1 << 20)]:
+        k = band_chunk(band, 100, 3, 64, budget)
+        assert k == 1 or 3 * k * 64 * (band + k * 64) <= budget
+    assert band_chunk(16384, 100, 3, 64, 1 << 22) == 1 and band_chunk(1023, 100, 3, 64, 1 << 18) < band_chunk(1023, 100, 3, 64)
     # sinks and vertical columns are nested (each block sees a prefix of one key list);
     # diagonals far from the main one shift with the block, so they are not
     for kind, nested in [("a_shape", True), ("columns", True), ("strided", True), ("vslash", False)]:
@@ -200,6 +205,11 @@ def test_prefix_chunks_cover_every_row_once():
         assert w == max(1, max(m[i:j])) and (j - i) * w <= 1000 or j - i == 1
         seen.extend(range(i, j))
     assert seen == list(range(len(m)))
+    # short lists: the rows per run are capped on their own (queries, not pairs, fill memory)
+    short = [4] * 50
+    runs = list(prefix_chunks(short, per_query_budget=1 << 20, max_rows=8))
+    assert [j - i for i, j, _ in runs] == [8] * 6 + [2]
+    assert [j - i for i, j, _ in prefix_chunks(short, per_query_budget=1 << 20)] == [50]
 
 
 @pytest.mark.parametrize("layout", ["key_major", "head_major", "one_kv_head"])
@@ -250,13 +260,17 @@ def test_out_is_filled_in_place(q_len):
         sparse_prefill_torch(q, k, v, idx, out=out[:, :4])
 
 
-@pytest.mark.parametrize("kind", ["strided", "columns", "a_shape"])
-def test_far_keys_past_the_pair_budget_run_in_slices(kind, monkeypatch):
-    # a budget this small puts a single row's far key list (shards, columns, sinks) past it, so the
-    # nested far part gathers, masks and merges its keys slice by slice
+@pytest.mark.parametrize("budgets", [(1 << 13, 1 << 13), (1 << 18, 1 << 9)], ids=["pairs", "queries"])
+@pytest.mark.parametrize("kind", ["strided", "columns", "a_shape", "vslash", "blocks"])
+def test_far_keys_past_the_pair_budget_run_in_slices(kind, budgets, monkeypatch):
+    # "pairs": a budget this small puts a single row's far key list (shards, columns, sinks) past
+    # it, so the nested far part gathers, masks and merges its keys slice by slice, one row per
+    # call; "queries": many rows fit the pair budget but the query budget cuts them into short runs
+    # (near rows too: band, diagonal and broken rows run a few at a time)
     import headwise.kernels.prefill as prefill
 
-    monkeypatch.setattr(prefill, "PAIR_BUDGET", 1 << 13)
+    monkeypatch.setattr(prefill, "PAIR_BUDGET", budgets[0])
+    monkeypatch.setattr(prefill, "QUERY_BUDGET", budgets[1])
     hq, hkv = 9, 3
     idx = structured_index(kind, hq, 600, 130, seed=21, group=hq // hkv)
     q, k, v = qkv(600, 730, hq, hkv, 64, torch.float32, seed=22)
