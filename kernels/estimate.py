@@ -16,7 +16,8 @@ import torch
 
 from .dispatch import triton_estimate
 
-_CHUNK_ELEMS = 1 << 22  # ~16 MB of fp32 scores at a time; bounds memory at long lengths
+_CHUNK_ELEMS = 1 << 22  # ~16 MB of fp32 scores at a time (HiP's block maxima); bounds memory at long lengths
+_PROBE_TILE_ELEMS = 1 << 20  # (probe, key) logits per tile of the vertical-slash estimate (4 MB of fp32)
 
 
 def _scale(d: int, scale: float | None) -> float:
@@ -90,7 +91,7 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor, kv_heads: torch
         n = hs.numel()
         qg = q_last.index_select(1, hs).float().transpose(0, 1).reshape(n * l_len, -1)  # [n*L, D]
         pos = q_pos.repeat(n, 1)  # [n*L, 1]
-        tile = max(64, _CHUNK_ELEMS // 16 // max(1, n * l_len))
+        tile = max(64, _PROBE_TILE_ELEMS // max(1, n * l_len))
 
         def logits(t0: int, t1: int) -> torch.Tensor:  # [n*L, t] with -inf on future keys
             x = (qg @ k[t0:t1, g].float().T) * sc

@@ -231,6 +231,8 @@ def nested_far(index: SparseIndex, head: int, rows: torch.Tensor, far_start: tor
     return keys, m
 
 
+PAIR_BUDGET = 1 << 22  # (query, key) pairs per kernel call: bounds masks (8 MB in bf16) and gathers
+QUERY_BUDGET = 1 << 13  # queries per near-row or far call: bounds its q copy, output and mask rows
 CALL_PAIRS = 150_000  # one more call (plus its merge) costs about as much as this many padded pairs
 
 

@@ -47,7 +47,7 @@ ATTN_NAME = "headwise"
 # Prompts up to 8K (the evals, the profiler's lengths) still run whole; ``attach_plan(chunk=2048)``
 # splits them where `headwise serve` on CPU does (vLLM's default --max-num-batched-tokens there)
 PREFILL_CHUNK = 8192
-STATIC_INDEX_BYTES = 16 << 20  # static indices kept for the layers of one forward (a long prompt's chunks past it are rebuilt)
+STATIC_INDEX_BYTES = 16 << 20  # static indices one forward keeps for its layers (chunks past it are rebuilt)
 # capture(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) for one request's whole prompt (after RoPE)
 CaptureFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 

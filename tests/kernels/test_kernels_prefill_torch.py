@@ -184,7 +184,8 @@ def test_planner_finds_the_structure():
     for band, budget in [(1023, 1 << 18), (1023, 1 << 22), (16384, 1 << 22), (16384, 1 << 20)]:
         k = band_chunk(band, 100, 3, 64, budget)
         assert k == 1 or 3 * k * 64 * (band + k * 64) <= budget
-    assert band_chunk(16384, 100, 3, 64, 1 << 22) == 1 and band_chunk(1023, 100, 3, 64, 1 << 18) < band_chunk(1023, 100, 3, 64)
+    assert band_chunk(16384, 100, 3, 64, 1 << 22) == 1
+    assert band_chunk(1023, 100, 3, 64, 1 << 18) < band_chunk(1023, 100, 3, 64)
     # sinks and vertical columns are nested (each block sees a prefix of one key list);
     # diagonals far from the main one shift with the block, so they are not
     for kind, nested in [("a_shape", True), ("columns", True), ("strided", True), ("vslash", False)]:
@@ -232,7 +233,7 @@ def test_keys_are_read_in_the_layout_they_come_in(layout):
 def test_a_dense_tail_row_reads_its_long_far_span_as_a_view():
     # the last block keeps every key (a plan's dense tail) past SPAN_MIN far keys; the heads of one
     # group differ elsewhere (sink + window), so the row runs through the far part, not a dense prefix
-    from headwise.kernels.prefill import SPAN_MIN
+    from headwise.kernels.prefill_far import SPAN_MIN
 
     q_len, off, bm = 320, SPAN_MIN + 200, 64
     s = off + q_len
@@ -267,10 +268,10 @@ def test_far_keys_past_the_pair_budget_run_in_slices(kind, budgets, monkeypatch)
     # it, so the nested far part gathers, masks and merges its keys slice by slice, one row per
     # call; "queries": many rows fit the pair budget but the query budget cuts them into short runs
     # (near rows too: band, diagonal and broken rows run a few at a time)
-    import headwise.kernels.prefill as prefill
+    import headwise.kernels.prefill_plan as prefill_plan
 
-    monkeypatch.setattr(prefill, "PAIR_BUDGET", budgets[0])
-    monkeypatch.setattr(prefill, "QUERY_BUDGET", budgets[1])
+    monkeypatch.setattr(prefill_plan, "PAIR_BUDGET", budgets[0])
+    monkeypatch.setattr(prefill_plan, "QUERY_BUDGET", budgets[1])
     hq, hkv = 9, 3
     idx = structured_index(kind, hq, 600, 130, seed=21, group=hq // hkv)
     q, k, v = qkv(600, 730, hq, hkv, 64, torch.float32, seed=22)
