@@ -35,7 +35,7 @@ class VerticalSlash(PatternModel):
     local_diagonals: int = Field(100, ge=1, description="nearest diagonals always kept (main one included)")
 
 
-_SCORE_ELEMS = 1 << 20  # (head, key) scores ranked at a time: heads are estimated in groups this big
+_SCORE_ELEMS = 1 << 21  # (head, key) scores ranked at a time: heads are estimated in groups this big
 
 
 def select(p: VerticalSlash, q: torch.Tensor, k: torch.Tensor, kv_heads: torch.Tensor, q_offset: int,
