@@ -47,9 +47,9 @@ class IndexCache(dict):
         self.bytes = 0
 
     def __setitem__(self, key, index: SparseIndex) -> None:
-        size = index.nbytes
-        if key in self or self.max_bytes is None or self.bytes + size <= self.max_bytes:
-            self.bytes += size - (self[key].nbytes if key in self else 0)
+        old = self[key].nbytes if key in self else 0
+        if self.max_bytes is None or self.bytes - old + index.nbytes <= self.max_bytes:
+            self.bytes += index.nbytes - old
             super().__setitem__(key, index)
 
 
