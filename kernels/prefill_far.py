@@ -123,10 +123,10 @@ def _prefix_bias(m: torch.Tensor, k0: int, k1: int, s: int, bm: int, m_low: list
     if n == 1:
         return torch.zeros(p, 1, 1, k1 - k0, dtype=dtype, device=m.device).masked_fill_(
             torch.arange(k0, k1, device=m.device) >= m[:, :, None, None], _NEG_INF)
-    # [P, heads, rows, bm, kw] filled from a per-row comparison broadcast over heads and queries
-    bias = torch.zeros(p, s, n, bm, k1 - k0, dtype=dtype, device=m.device)
-    bias.masked_fill_(torch.arange(k0, k1, device=m.device) >= m[:, None, :, None, None], _NEG_INF)
-    return bias.view(p, 1, s * n * bm, k1 - k0)
+    # one mask row per (plan, row), copied once into [P, heads x rows x bm, kw] (no staged copies)
+    row = torch.zeros(p, 1, n, 1, k1 - k0, dtype=dtype, device=m.device)
+    row.masked_fill_(torch.arange(k0, k1, device=m.device) >= m[:, None, :, None, None], _NEG_INF)
+    return row.expand(p, s, n, bm, k1 - k0).reshape(p, 1, s * n * bm, k1 - k0)
 
 
 def _far_rows(acc: Out, qp, kh, vh, index: SparseIndex, p: HeadPlan, rows: torch.Tensor, n_far: torch.Tensor,
